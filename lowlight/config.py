@@ -1,0 +1,169 @@
+"""Typed configuration: one YAML file plus ``--set a.b=c`` overrides, validated by pydantic.
+
+Every model forbids unknown keys, so a typo is an error that names the key instead of a
+silently ignored setting. The resolved config is saved next to every output.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TENSOR_COLUMNS = ("raw_in", "raw_gt", "lrgb_in", "srgb_in", "srgb_gt", "z_in", "z_gt")
+RAW_ONLY_COLUMNS = ("raw_in", "raw_gt", "lrgb_in")
+LATENT_COLUMNS = {"z_in": "srgb_in", "z_gt": "srgb_gt"}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Strict):
+    endpoint_url: str | None = Field(None, description="S3 endpoint; falls back to AWS_ENDPOINT_URL")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="'auto' to join a running cluster; None starts a local one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local cluster (None: all)")
+
+
+class DatasetConfig(Strict):
+    layout: str = "sid"
+    root: str = "out/samples/raw"
+    camera: str | None = None
+    splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
+
+
+class SamplesConfig(Strict):
+    out: str = "out/samples"
+    from_dir: str | None = Field(None, description="folder of photos to synthesise from (default: skimage.data)")
+    seed: int = 0
+    max_side: int = Field(512, ge=64)
+
+
+class ModelConfig(Strict):
+    pretrained: str = Field("tiny", description="'tiny', a hub id, or a local diffusers directory")
+    vae: str | None = Field(None, description="a fitted/fine-tuned AutoencoderKL directory that replaces the bundle's VAE")
+
+
+class FitVaeConfig(Strict):
+    out: str = "out/vae"
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(8, ge=1)
+    crop_size: int = Field(64, ge=16)
+    lr: float = Field(2e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    lpips_weight: float = Field(0.0, ge=0, description="used only when LPIPS weights are available offline")
+    seed: int = 0
+    log_every: int = Field(100, ge=1)
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+
+class PreprocessConfig(Strict):
+    output: str = "out/parquet/sample_raw"
+    crop_size: int = Field(128, ge=16, description="crop side in sRGB pixels (raw crops are half of it)")
+    crops_per_image: int = Field(4, ge=1, description="random crops per training image")
+    eval_crop: Literal["center", "grid"] = "center"
+    seed: int = 0
+    columns: list[str] = list(TENSOR_COLUMNS)
+    vae_batch_size: int = Field(8, ge=1)
+    vae_actors: int = Field(1, ge=1)
+    decode_cpus: float = Field(1.0, gt=0)
+    records_per_shard: int = Field(64, ge=1, description="resume granularity: a shard is written whole or not at all")
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError("must be a multiple of 16 (Bayer packing halves it, the VAE divides by 8)")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(TENSOR_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; choose from {list(TENSOR_COLUMNS)}")
+        return v
+
+
+class Config(Strict):
+    dataset: DatasetConfig = DatasetConfig()
+    samples: SamplesConfig = SamplesConfig()
+    model: ModelConfig = ModelConfig()
+    fit_vae: FitVaeConfig = FitVaeConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("lowlight.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text()
+    elif source in preset_names():
+        text = resources.files("lowlight.configs").joinpath(f"{source}.yaml").read_text()
+    else:
+        raise ConfigError(f"config '{source}' is neither a file nor a preset ({', '.join(preset_names())})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config '{source}' is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{source}' must be a mapping at the top level")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` in place; the value is parsed as YAML (so 3, 1e-4, [a, b], null work)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{override}' must look like key.path=value")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"config key '{key}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+    data = _read_yaml(source) if source else {}
+    for override in overrides or []:
+        apply_override(data, override)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

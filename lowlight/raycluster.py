@@ -1,0 +1,30 @@
+"""Start or join the Ray cluster a stage runs on."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from lowlight.config import RayConfig
+
+# Workers of a local cluster must see the same S3 endpoint/credentials and offline switches as the driver.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                 "HF_HUB_OFFLINE", "LOWLIGHT_CACHE", "TORCH_HOME", "HF_HOME")
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(
+        address=cfg.address,
+        num_cpus=cfg.num_cpus if cfg.address is None else None,
+        include_dashboard=False,
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=True,
+    )
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0

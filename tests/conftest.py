@@ -1,0 +1,87 @@
+"""Shared fixtures: offline switches, a local Ray, a real S3 API (moto_server on 127.0.0.1),
+the sample dataset and a fitted tiny VAE (built once per session)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="lowlight-test-cache-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["LOWLIGHT_CACHE"] = _SESSION_CACHE
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Dummy credentials for moto_server, set before any Ray worker starts so workers inherit them.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from lowlight.config import RayConfig
+    from lowlight.raycluster import ensure_ray
+
+    ensure_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback; credentials are dummies moto accepts."""
+    port = free_port()
+    moto = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """The embedded sample set from 4 skimage photos at reduced size (same code as `lowlight samples`)."""
+    from lowlight.data.samples import build_samples, default_photos
+
+    root = tmp_path_factory.mktemp("samples")
+    build_samples(root, photos=default_photos()[:4], seed=0, max_side=256)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fitted_vae(sample_root, tmp_path_factory) -> Path:
+    from lowlight.config import load_config
+    from lowlight.fit_vae import fit_vae
+
+    out = tmp_path_factory.mktemp("vae") / "vae"
+    cfg = load_config(None, [f"fit_vae.out={out}", "fit_vae.steps=400", "fit_vae.log_every=1000"])
+    fit_vae(cfg, str(sample_root / "lol"))
+    return out
