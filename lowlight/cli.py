@@ -69,28 +69,65 @@ def main() -> None:
 
 @app.command()
 def run(config: ConfigOpt = "sample_raw", set_: SetOpt = None) -> None:
-    """The main job on the embedded default: sample dataset -> fitted tiny VAE -> Parquet.
+    """The main job on the embedded default: sample dataset -> fitted tiny VAE -> Parquet ->
+    ExposureDiffusion and the regression baseline trained with the same budget -> PSNR/SSIM table.
 
-    Each step resumes: finished samples, a fitted VAE and committed shards are kept.
+    Each step resumes: finished samples, a fitted VAE, committed shards and finished runs are kept.
     """
     from pathlib import Path
 
     from lowlight.data.preprocess import preprocess as run_preprocess
     from lowlight.data.samples import build_samples
     from lowlight.fit_vae import fit_vae as run_fit
+    from lowlight.train import train as run_train
 
     cfg = _config(config, set_)
-    typer.echo(f"[1/3] sample dataset -> {cfg.samples.out}")
+    typer.echo(f"[1/4] sample dataset -> {cfg.samples.out}")
     build_samples(cfg.samples.out, seed=cfg.samples.seed, max_side=cfg.samples.max_side)
     if cfg.model.vae and not (Path(cfg.model.vae) / "config.json").exists():
-        typer.echo(f"[2/3] fitting the VAE -> {cfg.model.vae}")
+        typer.echo(f"[2/4] fitting the VAE -> {cfg.model.vae}")
         cfg.fit_vae.out = cfg.model.vae
         report = run_fit(cfg.model_copy(update={"model": cfg.model.model_copy(update={"vae": None})}),
                          f"{cfg.samples.out}/lol")
         typer.echo(f"      reconstruction PSNR {report['recon_psnr_db']} dB in {report['seconds']} s")
     else:
-        typer.echo(f"[2/3] VAE: {cfg.model.vae or cfg.model.pretrained} (already there)")
-    typer.echo(f"[3/3] preprocessing {cfg.dataset.layout} at {cfg.dataset.root} with Ray Data")
+        typer.echo(f"[2/4] VAE: {cfg.model.vae or cfg.model.pretrained} (already there)")
+    typer.echo(f"[3/4] preprocessing {cfg.dataset.layout} at {cfg.dataset.root} with Ray Data")
     summary = run_preprocess(cfg)
     typer.echo(summary.line())
     typer.echo(f"Parquet: {summary.output}")
+    results = {}
+    for method in (cfg.method.name, "regression"):
+        typer.echo(f"[4/4] training {method} ({cfg.train.steps} steps, {cfg.method.backbone}) with Ray Train")
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.method.name, run_cfg.train.name, run_cfg.train.data = method, f"{cfg.train.name}-{method}", summary.output
+        results[method] = run_train(run_cfg)
+        typer.echo(f"checkpoint ({method}): {results[method].checkpoint}")
+    typer.echo(comparison_table(results))
+
+
+def comparison_table(results: dict) -> str:
+    """Validation metrics of each trained method next to the amplified noisy input."""
+    first = next(iter(results.values())).metrics
+    rows = [("input (amplified)", first["val_input_psnr"], None, first.get("val_input_psnr_srgb"), None)]
+    rows += [(name, r.metrics["val_psnr"], r.metrics["val_ssim"], r.metrics.get("val_psnr_srgb"),
+              r.metrics.get("val_ssim_srgb")) for name, r in results.items()]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}" if v > 1 else f"{v:.4f}"
+    lines = [f"{'validation':<20} {'PSNR raw':>9} {'SSIM raw':>9} {'PSNR sRGB':>10} {'SSIM sRGB':>10}"]
+    lines += [f"{r[0]:<20} {fmt(r[1]):>9} {fmt(r[2]):>9} {fmt(r[3]):>10} {fmt(r[4]):>10}" for r in rows]
+    return "\n".join(lines)
+
+
+@app.command()
+def train(config: ConfigOpt = "sample_raw", set_: SetOpt = None) -> None:
+    """Ray Train: train the configured method from Parquet; relaunching the same run name resumes."""
+    from lowlight.train import train as run_train
+
+    cfg = _config(config, set_)
+    try:
+        result = run_train(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"checkpoint: {result.checkpoint}")
+    typer.echo(json.dumps({k: v for k, v in result.metrics.items() if k.startswith(("val_", "step"))}, indent=2))

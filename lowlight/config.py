@@ -101,12 +101,51 @@ class PreprocessConfig(Strict):
         return v
 
 
+class MethodConfig(Strict):
+    name: str = Field("exposure_diffusion", description="a registered method (lowlight.methods.REGISTRY)")
+    domain: Literal["raw", "srgb"] = Field("raw", description="restore packed raw or sRGB images")
+    backbone: str = Field("nafnet-small", description="'unet' (SID U-Net) or a NAFNet preset")
+    width: int | None = Field(None, ge=1, description="backbone width (None: the preset's)")
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific, validated by the method")
+
+
+class TrainConfig(Strict):
+    data: str = Field("out/parquet/sample_raw", description="preprocessed Parquet folder (local or s3://)")
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="per worker")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_every: int = Field(1000, ge=1, description="'step' schedule: halve the lr this often")
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+    val_every: int = Field(50, ge=1)
+    val_batches: int = Field(4, ge=1)
+    val_images: int = Field(4, ge=0, description="sample images written next to each checkpoint")
+    storage_path: str = "out/runs"
+    name: str = "sample"
+    num_to_keep: int | None = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+
+
 class Config(Strict):
     dataset: DatasetConfig = DatasetConfig()
     samples: SamplesConfig = SamplesConfig()
     model: ModelConfig = ModelConfig()
     fit_vae: FitVaeConfig = FitVaeConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 

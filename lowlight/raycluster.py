@@ -16,14 +16,15 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY
 def ensure_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Joining a cluster (e.g. inside `ray job submit`): the job's runtime env already applies,
+        # and passing our own would conflict with it.
+        ray.init(address=address, log_to_driver=True)
+        return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(
-        address=cfg.address,
-        num_cpus=cfg.num_cpus if cfg.address is None else None,
-        include_dashboard=False,
-        runtime_env={"env_vars": env} if env else None,
-        log_to_driver=True,
-    )
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env={"env_vars": env} if env else None,
+             log_to_driver=True)
 
 
 def cluster_has_gpus() -> bool:

@@ -85,3 +85,16 @@ def fitted_vae(sample_root, tmp_path_factory) -> Path:
     cfg = load_config(None, [f"fit_vae.out={out}", "fit_vae.steps=400", "fit_vae.log_every=1000"])
     fit_vae(cfg, str(sample_root / "lol"))
     return out
+
+
+@pytest.fixture(scope="session")
+def raw_data(ray_local, sample_root, fitted_vae, tmp_path_factory) -> Path:
+    """Small raw Parquet (64 px crops) for the training tests."""
+    from lowlight.config import load_config
+    from lowlight.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("train-data") / "raw"
+    preprocess(load_config("sample_raw", [f"dataset.root={sample_root / 'raw'}", f"model.vae={fitted_vae}",
+                                          f"preprocess.output={out}", "preprocess.crop_size=64",
+                                          "preprocess.crops_per_image=2", "preprocess.columns=[raw_in, raw_gt, z_gt]"]))
+    return out

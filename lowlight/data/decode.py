@@ -15,6 +15,7 @@ from lowlight.data.images import decode_image
 from lowlight.data.raw import linear_rgb, pack_bayer, read_raw, render_srgb
 
 HALF_RES = ("raw_in", "raw_gt", "lrgb_in")  # packed Bayer / linear RGB live at half the sRGB resolution
+ISP_COLUMNS = ("wb", "ccm")  # per-image, not cropped
 
 
 class RejectedInput(Exception):
@@ -57,7 +58,11 @@ def _decode_raw(rec: dict, need: set[str], endpoint_url: str | None) -> dict[str
         out["srgb_in"] = render_srgb(data_in, ratio=rec["ratio"]).transpose(2, 0, 1)
     if "srgb_gt" in need:
         out["srgb_gt"] = render_srgb(data_gt).transpose(2, 0, 1)
-    return {k: v for k, v in out.items() if k in need}
+    out = {k: v for k, v in out.items() if k in need}
+    # Per-image ISP parameters, so raw outputs can be rendered to sRGB later (metrics, display).
+    out["wb"] = frames["in"].camera_wb.astype(np.float32)
+    out["ccm"] = frames["in"].cam_to_srgb.astype(np.float32)
+    return out
 
 
 def _decode_srgb(rec: dict, need: set[str], endpoint_url: str | None) -> dict[str, np.ndarray]:
@@ -76,7 +81,7 @@ def _decode_srgb(rec: dict, need: set[str], endpoint_url: str | None) -> dict[st
 def full_resolution(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
     """Common sRGB-resolution size (LibRaw may trim a few pixels relative to the Bayer array)."""
     sizes = [(a.shape[1] * (2 if k in HALF_RES else 1), a.shape[2] * (2 if k in HALF_RES else 1))
-             for k, a in arrays.items()]
+             for k, a in arrays.items() if k not in ISP_COLUMNS]
     return min(s[0] for s in sizes), min(s[1] for s in sizes)
 
 
@@ -116,6 +121,9 @@ def decode_record(rec: dict, columns: list[str], *, crop_size: int, per_image: i
             "width": width, "crop_y": y, "crop_x": x,
         }
         for name, arr in arrays.items():
+            if name in ISP_COLUMNS:
+                row[name] = arr
+                continue
             s = 2 if name in HALF_RES else 1
             row[name] = np.ascontiguousarray(arr[:, y // s:(y + crop_size) // s, x // s:(x + crop_size) // s],
                                              dtype=np.float16)

@@ -12,6 +12,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 META_COLUMNS = ("id", "record_id", "split", "dataset", "camera", "iso", "exposure_in", "exposure_gt", "ratio",
                 "height", "width", "crop_y", "crop_x")
+FLOAT32_TENSORS = ("wb", "ccm")  # small per-image ISP parameters keep full precision
 
 
 def to_table(batch: dict[str, np.ndarray], vae_id: str) -> pa.Table:
@@ -20,7 +21,8 @@ def to_table(batch: dict[str, np.ndarray], vae_id: str) -> pa.Table:
     for name, values in batch.items():
         values = np.asarray(values)
         if values.ndim > 1:
-            columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, np.float16))
+            dtype = np.float32 if name in FLOAT32_TENSORS else np.float16
+            columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values, dtype))
         else:
             columns[name] = pa.array(values.tolist())
     n = len(batch["id"])

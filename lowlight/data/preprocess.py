@@ -22,7 +22,7 @@ from ray.data import ActorPoolStrategy
 
 from lowlight import storage
 from lowlight.config import RAW_ONLY_COLUMNS, TENSOR_COLUMNS, Config, ConfigError, dump_config
-from lowlight.data.decode import RejectedInput, decode_record
+from lowlight.data.decode import ISP_COLUMNS, RejectedInput, decode_record
 from lowlight.data.layouts import load_records
 from lowlight.data.parquet import META_COLUMNS, SCHEMA_VERSION, to_table
 from lowlight.models import sd
@@ -137,7 +137,7 @@ def _run_shard(cfg: Config, shard: int, records: list[dict], columns: list[str],
         decode_or_reject, fn_kwargs={"cfg": cfg, "columns": columns, "rejected_dir": rejected_dir},
         num_cpus=pre.decode_cpus)
     latents = [c for c in columns if c.startswith("z_")]
-    keep = list(META_COLUMNS) + columns
+    keep = list(META_COLUMNS) + columns + list(ISP_COLUMNS)
     if latents:
         ds = ds.map_batches(VaeEncode, fn_constructor_kwargs={"cfg": cfg, "latents": latents, "keep": keep, "vae_id": vae_id},
                             batch_size=pre.vae_batch_size, compute=ActorPoolStrategy(size=pre.vae_actors),

@@ -1,0 +1,116 @@
+"""The Method contract and the registry.
+
+The train loop, Tune, evaluation and Serve know only this: which Parquet columns a method
+needs, how to build it, its training loss on a batch, and how it enhances images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from lowlight.config import ConfigError, MethodConfig
+from lowlight.models import isp
+
+
+class MethodOptions(BaseModel):
+    """Base for a method's own options (``method.options``); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class EnhanceOptions:
+    steps: int | None = None  # sampler/exposure steps; None: the method's default
+    guidance_scale: float = 1.0
+    seed: int = 0
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    domains: ClassVar[tuple[str, ...]] = ("raw", "srgb")
+
+    def __init__(self, cfg: MethodConfig, options: MethodOptions, channels: int):
+        super().__init__()
+        self.cfg, self.options, self.channels = cfg, options, channels
+
+    @classmethod
+    def columns_for(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        """Parquet columns a batch must hold, for the configured domain."""
+        raise NotImplementedError(cls.__name__ + " must declare its columns")
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """Modules saved as one safetensors file each."""
+        return {"model": self}
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError(self.name + " must define its loss")
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """The training loss: calling the (DDP-wrapped) module is what synchronises gradients."""
+        return self.loss(batch, generator)
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Tensor], opts: EnhanceOptions) -> Tensor:
+        """The restored image in the method's domain (packed raw or sRGB)."""
+        raise NotImplementedError(self.name + " must define predict")
+
+    def target(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["raw_gt"] if self.cfg.domain == "raw" else batch["srgb_gt"]
+
+    def degraded(self, batch: dict[str, Tensor]) -> Tensor:
+        """The input in the output's domain and brightness (the 'do nothing' baseline)."""
+        if self.cfg.domain == "raw":
+            return (batch["raw_in"] * batch["ratio"].view(-1, 1, 1, 1)).clamp(0, 1)
+        return batch["srgb_in"]
+
+    def to_srgb(self, image: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        if self.cfg.domain == "raw":
+            return isp.render(image, batch["wb"], batch["ccm"])
+        return image.clamp(0, 1)
+
+    @torch.no_grad()
+    def enhance(self, batch: dict[str, Tensor], opts: EnhanceOptions) -> Tensor:
+        """sRGB in [0, 1]."""
+        return self.to_srgb(self.predict(batch, opts), batch)
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"method name '{cls.name}' registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise ConfigError(f"config key 'method.name': unknown method '{name}'; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def parse_options(cfg: MethodConfig) -> MethodOptions:
+    cls = method_class(cfg.name)
+    if cfg.domain not in cls.domains:
+        raise ConfigError(f"config key 'method.domain': '{cfg.name}' works on {list(cls.domains)}, not '{cfg.domain}'")
+    try:
+        return cls.Options.model_validate(cfg.options)
+    except ValidationError as e:
+        keys = "; ".join(f"config key 'method.options.{'.'.join(map(str, err['loc']))}': {err['msg']}"
+                         for err in e.errors())
+        raise ConfigError(keys) from None
+
+
+def build_method(cfg: MethodConfig, channels: int) -> Method:
+    return method_class(cfg.name)(cfg, parse_options(cfg), channels)
