@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -29,8 +30,10 @@ def _stop_cluster(temp_dir: str) -> None:
 def head_cluster():
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+    # ray.init elsewhere in the suite writes ~/.ray/auth_token, which turns on token auth for `ray start`.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     f"--temp-dir={temp_dir}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
@@ -39,14 +42,24 @@ def head_cluster():
         _stop_cluster(temp_dir)
 
 
+def submit_when_ready(address: str, env: dict, entry: list[str]) -> subprocess.CompletedProcess:
+    """`ray start` returns before the head's job agent is up; it answers 'No available agent' until then."""
+    deadline = time.time() + 120
+    while True:
+        submitted = subprocess.run([RAY, "job", "submit", f"--address={address}", "--submission-id=lowlight-e2e",
+                                    "--", *entry], env=env, capture_output=True, text=True, timeout=600, check=False)
+        if "No available agent" not in submitted.stderr + submitted.stdout or time.time() > deadline:
+            return submitted
+        time.sleep(2)
+
+
 def test_submitted_training_job_finishes(head_cluster, raw_data, tmp_path):
     address, env = head_cluster
     entry = [sys.executable, str(REPO / "workflows" / "train.py"), "--config", "sample_raw",
              "--set", f"train.data={raw_data}", "--set", f"train.storage_path={tmp_path}", "--set", "train.name=job",
              "--set", "method.backbone=nafnet-1", "--set", "train.steps=2", "--set", "train.num_workers=1",
              "--set", "train.batch_size=2", "--set", "train.val_batches=1"]
-    submitted = subprocess.run([RAY, "job", "submit", f"--address={address}", "--submission-id=lowlight-e2e",
-                                "--", *entry], env=env, capture_output=True, text=True, timeout=600, check=False)
+    submitted = submit_when_ready(address, env, entry)
     logs = subprocess.run([RAY, "job", "logs", f"--address={address}", "lowlight-e2e"], env=env,
                           capture_output=True, text=True, timeout=60, check=False).stdout
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
