@@ -83,7 +83,7 @@ class PreprocessConfig(Strict):
     vae_batch_size: int = Field(8, ge=1)
     vae_actors: int = Field(1, ge=1)
     decode_cpus: float = Field(1.0, gt=0)
-    records_per_shard: int = Field(64, ge=1, description="resume granularity: a shard is written whole or not at all")
+    records_per_shard: int = Field(256, ge=1, description="resume granularity: a shard is written whole or not at all")
 
     @field_validator("crop_size")
     @classmethod

@@ -1,0 +1,181 @@
+"""Helpers shared by the benchmarks: machine facts, the benchmark sample set, tables and JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASE_RATIOS = 3  # `lowlight samples` writes 3 short exposures per scene: 7 photos -> 21 records
+
+
+def _first(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def machine_info() -> dict:
+    """Cores, CPU model, RAM, accelerator and the versions that decide the speed."""
+    import pyarrow
+    import ray
+    import torch
+
+    mem_kb = _first("/proc/meminfo", "MemTotal")
+    info = {
+        "cpu_model": _first("/proc/cpuinfo", "model name") or platform.processor(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def load_at_start() -> list[float]:
+    """The 1/5/15-minute load averages; warns when other work shares the machine (the figures would be low)."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    if load[0] > 0.5:
+        print(f"warning: load average {load[0]} at start: other processes share the CPUs; figures will be low")
+    return load
+
+
+def sample_ratios(scale: int) -> tuple[int, ...]:
+    """``3 * scale`` distinct exposure ratios between 60 and 300 (scale 1: the default 100/250/300)."""
+    if scale < 1:
+        raise ValueError(f"--records-scale must be >= 1, got {scale}")
+    if scale == 1:
+        return (100, 250, 300)
+    ratios = tuple(int(r) for r in np.geomspace(60, 300, BASE_RATIOS * scale).round())
+    if len(set(ratios)) != len(ratios):
+        raise ValueError(f"--records-scale {scale} is too large: ratios between 60 and 300 repeat")
+    return ratios
+
+
+def build_bench_samples(root: Path, scale: int, max_side: int) -> Path:
+    """The embedded sample set with ``3 * scale`` short exposures per scene (21 * scale SID records).
+
+    Every short exposure is its own noisy DNG at its own ratio, so each record is distinct work;
+    the build resumes, so a second benchmark run reuses it. Returns the SID root (``raw/``).
+    """
+    from lowlight.data.samples import build_samples
+
+    out = root / f"samples-x{scale}-{max_side}"
+    build_samples(out, ratios=sample_ratios(scale), max_side=max_side, progress=False)
+    return out / "raw"
+
+
+def _busy_ticks() -> int:
+    """Non-idle CPU time of the whole machine, in clock ticks (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4] - sum(fields[8:])  # guest time is already inside user
+
+
+def _own_ticks() -> int:
+    """CPU ticks of this process and its descendants (Ray's raylet, workers, actors), dead children included
+    through their parents' cutime/cstime."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))  # ppid; utime stime cutime cstime
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0))[1]
+        todo += children.get(pid, [])
+    return total
+
+
+class CpuShare:
+    """Measures how much of the machine's CPU other processes (not this one and its descendants) used
+    during a block, so runs disturbed by other work on a shared machine can be told apart."""
+
+    def __enter__(self) -> Self:
+        self._t, self._busy, self._own = time.perf_counter(), _busy_ticks(), _own_ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        self.seconds = time.perf_counter() - self._t
+        self.own_cpu_s = (_own_ticks() - self._own) / hz
+        self.other_cpu_s = max(0.0, (_busy_ticks() - self._busy) / hz - self.own_cpu_s)
+        self.other_share = self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
+
+    def record(self) -> dict:
+        return {"own_cpu_seconds": round(self.own_cpu_s, 1), "other_cpu_seconds": round(self.other_cpu_s, 1),
+                "other_cpu_share": round(self.other_share, 3)}
+
+
+@contextmanager
+def timed(totals: dict[str, float], key: str):
+    """Add the wall-clock seconds of the block to ``totals[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> None:
+    """A plain fixed-width table (numbers right-aligned)."""
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float) or row[i] is None for row in rows) for i in range(len(headers))]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(h.rjust(w) if n else h.ljust(w) for h, w, n in zip(headers, widths, numeric)))
+    print("  ".join("-" * w for w in widths))
+    for r in text:
+        print("  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric)))
+
+
+def write_result(name: str, result: dict, path: str | Path | None = None) -> Path:
+    """``benchmarks/results/<name>.json`` (or ``path``, e.g. a smoke run's scratch file) with the
+    machine facts and a timestamp added."""
+    path = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**result, "machine": machine_info(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path
