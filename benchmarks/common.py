@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -97,10 +98,10 @@ def _busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4] - sum(fields[8:])  # guest time is already inside user
 
 
-def _own_ticks() -> int:
-    """CPU ticks of this process and its descendants (Ray's raylet, workers, actors), dead children included
-    through their parents' cutime/cstime."""
-    stats: dict[int, tuple[int, int]] = {}
+def _tree_ticks() -> dict[tuple[int, int], int]:
+    """(pid, start time) -> user+system CPU ticks of this process and its live descendants (Ray's raylet,
+    workers, actors)."""
+    stats: dict[int, tuple[int, int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -109,30 +110,51 @@ def _own_ticks() -> int:
                 rest = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        stats[int(entry)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))  # ppid; utime stime cutime cstime
+        stats[int(entry)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19]))  # ppid, ticks, start
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [os.getpid()]
+    out, todo = {}, [os.getpid()]
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, (0, 0))[1]
+        if pid in stats:
+            out[(pid, stats[pid][2])] = stats[pid][1]
         todo += children.get(pid, [])
-    return total
+    return out
 
 
 class CpuShare:
     """Measures how much of the machine's CPU other processes (not this one and its descendants) used
-    during a block, so runs disturbed by other work on a shared machine can be told apart."""
+    during a block, so runs disturbed by other work on a shared machine can be told apart.
+
+    Ray reaps exited workers without adding their CPU time to the raylet's, so descendants are
+    polled every ``interval`` seconds and each one's last reading is kept (a process living less
+    than ``interval`` is missed, which makes the figure for others an upper bound)."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._last.update(_tree_ticks())
 
     def __enter__(self) -> Self:
-        self._t, self._busy, self._own = time.perf_counter(), _busy_ticks(), _own_ticks()
+        self._first = _tree_ticks()
+        self._last = dict(self._first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._t, self._busy = time.perf_counter(), _busy_ticks()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(_tree_ticks())
         hz = os.sysconf("SC_CLK_TCK")
         self.seconds = time.perf_counter() - self._t
-        self.own_cpu_s = (_own_ticks() - self._own) / hz
+        own = sum(t - self._first.get(key, 0) for key, t in self._last.items())
+        self.own_cpu_s = own / hz
         self.other_cpu_s = max(0.0, (_busy_ticks() - self._busy) / hz - self.own_cpu_s)
         self.other_share = self.other_cpu_s / (self.seconds * (os.cpu_count() or 1))
 
