@@ -47,6 +47,6 @@ def load_method(directory: str | Path, ema: bool = False) -> tuple[Config, Metho
     directory = Path(directory)
     cfg = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
     channels = json.loads((directory / "method.json").read_text())["channels"]
-    method = build_method(cfg.method, channels)
+    method = build_method(cfg.method, channels, cfg.model)
     load_weights(directory, method, ema=ema and (directory / "model.ema.safetensors").exists())
     return cfg, method.eval()

@@ -119,7 +119,7 @@ def train_loop(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(tc.seed)
-    method: Method = build_method(cfg.method, info["channels"]).to(device)
+    method: Method = build_method(cfg.method, info["channels"], cfg.model).to(device)
     columns = info["columns"]
     rows = load_rows(ray.train.get_dataset_shard("train"), columns, rank, world)
     val_rows = load_rows(ray.train.get_dataset_shard("val"), columns, 0, 1, tc.val_batches * tc.batch_size)

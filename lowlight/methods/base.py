@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from lowlight.config import ConfigError, MethodConfig
+from lowlight.config import ConfigError, MethodConfig, ModelConfig
 from lowlight.models import isp
 
 
@@ -36,9 +36,9 @@ class Method(nn.Module):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     domains: ClassVar[tuple[str, ...]] = ("raw", "srgb")
 
-    def __init__(self, cfg: MethodConfig, options: MethodOptions, channels: int):
+    def __init__(self, cfg: MethodConfig, options: MethodOptions, channels: int, model: ModelConfig):
         super().__init__()
-        self.cfg, self.options, self.channels = cfg, options, channels
+        self.cfg, self.options, self.channels, self.model_cfg = cfg, options, channels, model
 
     @classmethod
     def columns_for(cls, cfg: MethodConfig) -> tuple[str, ...]:
@@ -112,5 +112,6 @@ def parse_options(cfg: MethodConfig) -> MethodOptions:
         raise ConfigError(keys) from None
 
 
-def build_method(cfg: MethodConfig, channels: int) -> Method:
-    return method_class(cfg.name)(cfg, parse_options(cfg), channels)
+def build_method(cfg: MethodConfig, channels: int, model: ModelConfig | None = None) -> Method:
+    """``model`` names the pretrained parts (the SD bundle, a fitted VAE) for the methods that use them."""
+    return method_class(cfg.name)(cfg, parse_options(cfg), channels, model or ModelConfig())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from lowlight.config import MethodConfig
+from lowlight.config import MethodConfig, ModelConfig
 from lowlight.data.calibrations import load_calibration
 from lowlight.data.noise import NoiseCalibration, synthesize_low_light
 from lowlight.methods.base import EnhanceOptions, Method, MethodOptions, register
@@ -46,8 +46,8 @@ class ExposureDiffusion(Method):
     Options = ExposureDiffusionOptions
     domains = ("raw",)
 
-    def __init__(self, cfg: MethodConfig, options: ExposureDiffusionOptions, channels: int):
-        super().__init__(cfg, options, channels)
+    def __init__(self, cfg: MethodConfig, options: ExposureDiffusionOptions, channels: int, model: ModelConfig):
+        super().__init__(cfg, options, channels, model)
         self.backbone = build_backbone(cfg.backbone, channels, 2 * channels + 1, width=cfg.width)
         self.calib = NoiseCalibration.load(options.camera)
         profile = load_calibration(options.camera)["profile"]

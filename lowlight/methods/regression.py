@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from lowlight.config import MethodConfig
+from lowlight.config import MethodConfig, ModelConfig
 from lowlight.methods.base import EnhanceOptions, Method, MethodOptions, register
 from lowlight.models.backbones import build_backbone
 
@@ -25,8 +25,8 @@ class Regression(Method):
     name = "regression"
     Options = RegressionOptions
 
-    def __init__(self, cfg: MethodConfig, options: RegressionOptions, channels: int):
-        super().__init__(cfg, options, channels)
+    def __init__(self, cfg: MethodConfig, options: RegressionOptions, channels: int, model: ModelConfig):
+        super().__init__(cfg, options, channels, model)
         self.backbone = build_backbone(cfg.backbone, channels, channels, width=cfg.width)
 
     @classmethod
