@@ -52,6 +52,16 @@ class SamplesConfig(Strict):
 class ModelConfig(Strict):
     pretrained: str = Field("tiny", description="'tiny', a hub id, or a local diffusers directory")
     vae: str | None = Field(None, description="a fitted/fine-tuned AutoencoderKL directory that replaces the bundle's VAE")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="override the scheduler's (None: as the pretrained scheduler config says)")
+    zero_terminal_snr: bool | None = Field(None, description="rescale betas to zero terminal SNR (None: as configured)")
+    attention: Literal["sdpa", "sliced"] = Field("sdpa", description="sliced attention trades speed for memory")
+    gradient_checkpointing: bool = False
+    vae_tiling: bool = Field(True, description="encode/decode large images tile by tile")
+    vae_tile: int | None = Field(None, ge=64, description="VAE tile side in pixels (None: the VAE's sample_size)")
+    vae_slicing: bool = Field(False, description="encode/decode a batch one image at a time")
+    frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype of the frozen VAE/UNet (auto: bf16 on CUDA, fp32 on CPU)")
 
 
 class FitVaeConfig(Strict):

@@ -1,4 +1,5 @@
-"""Stable Diffusion parts: resolve ``pretrained`` (hub id, local dir, s3:// dir or ``tiny``) and load them.
+"""Stable Diffusion parts: resolve ``pretrained`` (hub id, local dir, s3:// dir or ``tiny``) and load them,
+one part at a time (``load_vae``) or as the whole ``SDBundle``.
 
 ``tiny`` builds the same diffusers classes a cluster loads for SD 1.5/2.1 (AutoencoderKL with a
 4-channel latent and x8 downsampling, UNet2DConditionModel, DDPMScheduler) at small widths from a
@@ -10,17 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import Tensor
 
 from lowlight import storage
+from lowlight.config import ModelConfig
 
 TINY = "tiny"
 TINY_VERSION = "v1"
 TINY_SEED = 0
 TINY_CROSS_ATTENTION_DIM = 32
+PROMPT_LENGTH = 77  # CLIP's context length: the empty prompt is padded to it
 
 
 def cache_root() -> Path:
@@ -120,3 +126,96 @@ def fingerprint(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def load_scheduler(source: str, model: ModelConfig) -> DDPMScheduler:
+    """The training noise scheduler from the bundle's scheduler config (SD 1.5 ships PNDM, 2.1 DDIM: same
+    betas), with the prediction type and zero-terminal-SNR overrides of the config applied."""
+    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    overrides = {}
+    if model.prediction_type:
+        overrides["prediction_type"] = model.prediction_type
+    if model.zero_terminal_snr is not None:
+        overrides["rescale_betas_zero_snr"] = model.zero_terminal_snr
+        if model.zero_terminal_snr:  # Lin et al. 2024: sample from the last timestep, which 'leading' skips
+            overrides["timestep_spacing"] = "trailing"
+    return DDPMScheduler.from_config(scheduler.config, **overrides) if overrides else scheduler
+
+
+def empty_prompt_embedding(source: str, unet: UNet2DConditionModel) -> Tensor:
+    """[1, 77, D]: the text encoder's output for "" when the bundle has one; zeros otherwise (tiny).
+
+    A local directory without ``text_encoder/`` means there is none; a hub id must provide it."""
+    local = Path(source)
+    if local.is_dir() and not (local / "text_encoder").is_dir():
+        return torch.zeros(1, PROMPT_LENGTH, unet.config.cross_attention_dim)
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").eval()
+    tokens = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        return encoder(tokens.input_ids)[0].float()
+
+
+def apply_memory_options(vae: AutoencoderKL, unet: UNet2DConditionModel, model: ModelConfig) -> None:
+    if model.attention == "sliced":
+        unet.set_attention_slice("auto")
+    else:
+        unet.set_attn_processor(AttnProcessor2_0())
+    if model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if model.vae_tiling:
+        vae.enable_tiling()
+        if model.vae_tile:
+            vae.tile_sample_min_size = model.vae_tile
+            vae.tile_latent_min_size = model.vae_tile // 2 ** (len(vae.config.block_out_channels) - 1)
+    if model.vae_slicing:
+        vae.enable_slicing()
+
+
+@dataclass
+class SDBundle:
+    """What every latent-diffusion method stands on: VAE, denoiser, noise scheduler, the fixed
+    empty-prompt embedding and the VAE's latent scaling factor."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    prompt_embedding: Tensor
+    source: str
+
+    @classmethod
+    def load(cls, model: ModelConfig, endpoint_url: str | None = None) -> SDBundle:
+        source = resolve(model.pretrained, endpoint_url)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        vae = load_vae(model.pretrained, model.vae, endpoint_url)
+        apply_memory_options(vae, unet, model)
+        return cls(vae=vae, unet=unet, scheduler=load_scheduler(source, model),
+                   prompt_embedding=empty_prompt_embedding(source, unet), source=source)
+
+    @classmethod
+    def tiny(cls) -> SDBundle:
+        return cls.load(ModelConfig(pretrained=TINY))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel (8 for every SD VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """sRGB in [0, 1] -> scaled latents (the posterior mean, as the Parquet latents are)."""
+        x = images.to(self.vae.dtype) * 2 - 1
+        return (self.vae.encode(x).latent_dist.mean * self.scaling_factor).float()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> sRGB in [0, 1]."""
+        x = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def prompt(self, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self.prompt_embedding.to(device, dtype).expand(batch, -1, -1)
