@@ -48,5 +48,7 @@ def load_method(directory: str | Path, ema: bool = False) -> tuple[Config, Metho
     cfg = Config.model_validate(yaml.safe_load((directory / "config.yaml").read_text()))
     channels = json.loads((directory / "method.json").read_text())["channels"]
     method = build_method(cfg.method, channels, cfg.model)
-    load_weights(directory, method, ema=ema and (directory / "model.ema.safetensors").exists())
+    has_ema = any(directory.glob("*.ema.safetensors"))
+    load_weights(directory, method, ema=ema and has_ema)
+    method.load_artifacts(directory)
     return cfg, method.eval()

@@ -63,6 +63,57 @@ def preprocess(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(summary.line())
 
 
+@app.command()
+def enhance(checkpoint: Annotated[str, typer.Option(help="checkpoint directory (local or s3://)")],
+            input_: Annotated[str, typer.Option("--input", help="an sRGB image (PNG/JPEG/TIFF) or a RAW file")],
+            output: Annotated[str, typer.Option(help="PNG to write")],
+            steps: Annotated[int | None, typer.Option(help="sampler steps (default: the method's)")] = None,
+            guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale")] = None,
+            sampler: Annotated[str | None, typer.Option(help="ddim or ddpm")] = None,
+            strength: Annotated[float | None, typer.Option(help="start from the noised input latent, (0, 1]")] = None,
+            tile: Annotated[int | None, typer.Option(help="latent pixels per denoiser tile")] = None,
+            color_fix: Annotated[str | None, typer.Option(help="none, adain or wavelet")] = None,
+            ratio: Annotated[float | None, typer.Option(help="RAW input: amplification (default: auto-exposure)")] = None,
+            iso: Annotated[float | None, typer.Option(help="RAW input: ISO when the file has none")] = None,
+            seed: int = 0,
+            device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when present)")] = None,
+            ) -> None:
+    """Enhance one file with a trained checkpoint (tiled, so large images fit in memory)."""
+    from lowlight.enhance import enhance_file
+    from lowlight.methods import EnhanceOptions
+
+    opts = EnhanceOptions(steps=steps, seed=seed, guidance_scale=guidance, sampler=sampler, strength=strength,
+                          tile=tile, color_fix=color_fix)
+    try:
+        report = enhance_file(checkpoint, input_, output, opts, ratio=ratio, iso=iso, device=device)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.line())
+
+
+@app.command("search-noise")
+def search_noise(checkpoint: Annotated[str, typer.Option(help="checkpoint of a latent-diffusion method")],
+                 candidates: Annotated[int, typer.Option(help="initial noises to try (the first is the default)")] = 8,
+                 reference: Annotated[int, typer.Option(help="training rows the noises are scored on")] = 8,
+                 val: Annotated[int, typer.Option(help="validation rows the gain is reported on")] = 16,
+                 steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the method's)")] = None,
+                 metric: str = "psnr", seed: int = 0) -> None:
+    """Boundary-condition search: find the initial noise that restores a reference set best and save it
+    with the checkpoint, where `enhance` picks it up."""
+    from lowlight.noise_search import search_checkpoint_noise
+
+    try:
+        report = search_checkpoint_noise(checkpoint, candidates=candidates, reference=reference, val=val,
+                                         steps=steps, metric=metric, seed=seed)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"best of {report.candidates} noises: candidate {report.best}; reference {report.metric} "
+               f"{report.reference_default:.3f} -> {report.reference_best:.3f}; validation "
+               f"{report.val_default:.3f} -> {report.val_best:.3f} ({report.val_gain:+.3f}) in {report.seconds:.0f} s")
+
+
 def main() -> None:
     app(sys.argv[1:])
 

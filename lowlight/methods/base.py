@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -26,9 +27,16 @@ class MethodOptions(BaseModel):
 
 @dataclass
 class EnhanceOptions:
-    steps: int | None = None  # sampler/exposure steps; None: the method's default
-    guidance_scale: float = 1.0
+    """Per-call inference settings; None means the method's configured default."""
+
+    steps: int | None = None  # sampler/exposure steps
     seed: int = 0
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    strength: float | None = None  # partial diffusion from the noised condition latent, in (0, 1]
+    tile: int | None = None  # latent pixels per denoiser tile
+    color_fix: str | None = None
+    initial_noise: Tensor | None = None  # overrides the searched/seeded start noise (boundary-condition search)
 
 
 class Method(nn.Module):
@@ -51,6 +59,9 @@ class Method(nn.Module):
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """Modules saved as one safetensors file each."""
         return {"model": self}
+
+    def load_artifacts(self, directory: Path) -> None:
+        """Read what was added to a checkpoint after training (e.g. a searched initial noise)."""
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError(self.name + " must define its loss")

@@ -1,0 +1,145 @@
+"""The SD conditioning baselines: each learns on a repeated batch, trains through the Ray Train loop
+from Parquet latents with the tiny bundle, enhances PNG and DNG files from its checkpoint (also
+tiled), and the boundary-condition search finds a noise at least as good as the default seed's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lowlight import checkpoint
+from lowlight.cli import app
+from lowlight.config import ConfigError, MethodConfig, ModelConfig, load_config
+from lowlight.data.images import read_image
+from lowlight.data.parquet import read_split
+from lowlight.methods import EnhanceOptions, build_method
+from lowlight.methods.latent import INITIAL_NOISE_FILE
+from lowlight.noise_search import search_checkpoint_noise
+from lowlight.sampling import tiled_denoiser
+from lowlight.train import train
+
+BASELINES = {"sd_concat": "unet", "sd_controlnet": "controlnet", "lacontrolnet": "controlnet"}
+COLUMNS = ["z_in", "z_gt", "srgb_in", "srgb_gt"]
+
+
+@pytest.fixture(scope="module")
+def srgb_data(ray_local, sample_root, fitted_vae, tmp_path_factory) -> Path:
+    """LOL-shaped sample set -> 64 px crops with latents made by the fitted tiny VAE."""
+    from lowlight.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("sd-data") / "srgb"
+    preprocess(load_config("sample_srgb", [f"dataset.root={sample_root / 'lol'}", f"model.vae={fitted_vae}",
+                                           f"preprocess.output={out}", "preprocess.crop_size=64",
+                                           "preprocess.crops_per_image=2"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(srgb_data, fitted_vae, tmp_path_factory) -> dict[str, Path]:
+    """Each baseline trained 4 steps on 2 Ray Train workers."""
+    runs = tmp_path_factory.mktemp("sd-runs")
+    out = {}
+    for name in BASELINES:
+        cfg = load_config("sample_srgb", [
+            f"method.name={name}", f"model.vae={fitted_vae}", f"train.data={srgb_data}", f"train.storage_path={runs}",
+            f"train.name={name}", "train.steps=4", "train.batch_size=2", "train.checkpoint_every=4",
+            "train.val_every=4", "train.val_batches=1", "train.val_images=2", "method.options.steps=4"])
+        out[name] = Path(train(cfg).checkpoint)
+    return out
+
+
+def _rows(srgb_data: Path, split: str, n: int) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in read_split(str(srgb_data), split, COLUMNS, limit=n).items()}
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_loss_goes_down_on_a_repeated_batch(srgb_data, fitted_vae, name):
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name=name, domain="srgb"), 3, ModelConfig(vae=str(fitted_vae)))
+    batch = _rows(srgb_data, "train", 4)
+    params = list(method.trainable_parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(50):
+        loss, _ = method(batch, torch.Generator().manual_seed(0))  # same noise and t every step
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    frozen = {n for n, p in method.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("vae.") for n in frozen)
+    assert (BASELINES[name] == "unet") != any(n.startswith("unet.") for n in frozen)
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_trains_through_ray_and_checkpoint_round_trips(trained, name):
+    ckpt = trained[name]
+    module_file = f"{BASELINES[name]}.safetensors"
+    assert {"config.yaml", "metrics.json", "samples.png", module_file} <= {p.name for p in ckpt.iterdir()}
+    _, method = checkpoint.load_method(ckpt)
+    saved = load_file(str(ckpt / module_file))
+    for key, tensor in getattr(method, BASELINES[name]).state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+
+
+def test_unknown_trainable_module_is_refused():
+    with pytest.raises(ConfigError, match="method.options.trainable"):
+        build_method(MethodConfig(name="lacontrolnet", domain="srgb", options={"trainable": ["text_encoder"]}), 3)
+
+
+def test_tiled_matches_untiled_when_the_input_fits_one_tile(trained, srgb_data):
+    _, method = checkpoint.load_method(trained["lacontrolnet"])
+    batch = _rows(srgb_data, "test", 2)
+    height, width = batch["z_in"].shape[-2:]
+    for_region = method.denoiser_for(method.hint(batch))
+    x_t, t = torch.randn_like(batch["z_in"]), torch.tensor([500, 500])
+    whole = for_region((0, 0, height, width))(x_t, t, True)
+    tiled = tiled_denoiser(for_region, (height, width), max(height, width), 2)(x_t, t, True)
+    torch.testing.assert_close(tiled, whole)
+    small_tiles = method.predict(batch, EnhanceOptions(steps=3, tile=height // 2))
+    assert small_tiles.shape == batch["srgb_in"].shape and torch.isfinite(small_tiles).all()
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_enhance_cli_on_png_and_dng(trained, sample_root, tmp_path, name):
+    png = min((sample_root / "lol").rglob("low/*.png"))
+    dng = min((sample_root / "raw").rglob("*.dng"))
+    runner = CliRunner()
+    for source in (png, dng):
+        out = tmp_path / f"{source.stem}-{name}.png"
+        result = runner.invoke(app, ["enhance", "--checkpoint", str(trained[name]), "--input", str(source),
+                                     "--output", str(out), "--steps", "3", "--ratio", "100"])
+        assert result.exit_code == 0, result.output
+        image = read_image(str(out))
+        expected = read_image(str(source)).shape[:2] if source.suffix == ".png" else None
+        if expected:
+            assert image.shape[:2] == expected
+        assert image.ndim == 3 and image.shape[2] == 3 and 0 < image.mean() < 1
+
+
+def test_enhance_cli_names_a_bad_file(trained, tmp_path):
+    bad = tmp_path / "broken.dng"
+    bad.write_bytes(b"not a raw file")
+    result = CliRunner().invoke(app, ["enhance", "--checkpoint", str(trained["sd_concat"]), "--input", str(bad),
+                                      "--output", str(tmp_path / "out.png")])
+    assert result.exit_code == 2
+    assert "broken.dng" in result.output
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_noise_search_beats_or_ties_the_default_and_is_reused(trained, tmp_path):
+    ckpt = trained["sd_concat"]
+    report = search_checkpoint_noise(str(ckpt), candidates=4, reference=4, val=4, steps=3)
+    assert report.reference_best >= report.reference_default
+    assert report.reference_default == report.scores[0]
+    assert np.isfinite(report.val_gain)
+    assert (ckpt / INITIAL_NOISE_FILE).exists()
+    _, method = checkpoint.load_method(ckpt)
+    assert method.initial_noise is not None and method.initial_noise.shape[0] == 4
+    (ckpt / INITIAL_NOISE_FILE).unlink()
