@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -133,6 +134,17 @@ def method_config(cfg: Config, name: str, args) -> Config:
                           if name == "exposure_diffusion" else {})
     run.train.name = f"bench-{name}"
     return run
+
+
+def finished_run(cfg: Config) -> dict | None:
+    """A run of this name that already reached its last step (``--reuse-runs``): evaluate it as it is.
+    Its wall time is unknown, so only the in-run images/s (from its metrics) is reported."""
+    final = Path(cfg.train.storage_path) / cfg.train.name / f"checkpoint_{cfg.train.steps:07d}"
+    if not (final / "metrics.json").exists():
+        return None
+    metrics = json.loads((final / "metrics.json").read_text())
+    return {"checkpoint": str(final), "seconds": None, "metrics": metrics,
+            "images_per_s": metrics.get("images_per_s"), "images_per_s_end_to_end": None}
 
 
 def train_method(cfg: Config) -> dict:
@@ -223,6 +235,7 @@ def evaluate(checkpoints: dict[str, str], rows: dict[str, np.ndarray], args) -> 
     per_method = {"input": means(input_scores)}
     vs_steps: dict[str, dict[str, float]] = {}
     vs_steps_srgb: dict[str, dict[str, float]] = {}
+    vs_steps_by_ratio: dict[str, dict] = {}
     params, infer_steps = {}, {}
     sweep = range(1, args.sweep_steps + 1)
     for name, ckpt in checkpoints.items():
@@ -234,6 +247,7 @@ def evaluate(checkpoints: dict[str, str], rows: dict[str, np.ndarray], args) -> 
                              rows, args.ls_correction) for k in sorted({*sweep, method.options.infer_steps})}
             main = by_k[method.options.infer_steps]
             vs_steps[name] = {str(k): overall(by_k[k], "psnr") for k in sweep}
+            vs_steps_by_ratio = {str(k): {m: means(by_k[k])[m] for m in ("psnr", "psnr_srgb")} for k in sweep}
             vs_steps_srgb[name] = {str(k): overall(by_k[k], "psnr_srgb") for k in sweep}
         else:
             main = score(predict_rows(method, rows, EnhanceOptions(seed=args.seed), args.eval_batch), rows,
@@ -244,6 +258,7 @@ def evaluate(checkpoints: dict[str, str], rows: dict[str, np.ndarray], args) -> 
         per_method[name] = means(main)
     counts = {r: len(v) for r, v in sorted(input_scores["psnr"].items(), key=lambda kv: float(kv[0]))}
     return {"per_method": per_method, "psnr_vs_steps": vs_steps, "psnr_vs_steps_srgb": vs_steps_srgb,
+            "ed_psnr_by_ratio_vs_steps": vs_steps_by_ratio,
             "params": params, "infer_steps": infer_steps, "images_per_ratio": counts}
 
 
@@ -263,6 +278,10 @@ def print_report(result: dict, ratios: list[str], order: list[str]) -> None:
             for name in result["psnr_vs_steps"]]
     print_table(["method", *(f"raw k={k}" for k in sweep), *(f"sRGB k={k}" for k in sweep)], rows,
                 "PSNR (all held-out images) vs inference steps k; regression has no steps (constant)")
+    by_k = result["exposure_diffusion_by_ratio_vs_steps"]
+    rows = [[k, *(by_k[k]["psnr"][r] for r in ratios), *(by_k[k]["psnr_srgb"][r] for r in ratios)] for k in by_k]
+    print_table(["ED steps k", *(f"raw x{r}" for r in ratios), *(f"sRGB x{r}" for r in ratios)], rows,
+                "exposure_diffusion PSNR per ratio vs inference steps")
     b = result["budget"]
     rows = [[name, result["params"][name], b["seconds"][name], result["train_images_per_s"][name],
              result["train_images_per_s_end_to_end"][name]] for name in METHODS]
@@ -307,6 +326,8 @@ def main() -> None:
     p.add_argument("--eval-threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="out/bench/exposure_diffusion", help="work folder (samples, Parquet, runs)")
     p.add_argument("--json", default=str(RESULTS_DIR / "exposure_diffusion.json"), help="result file")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="evaluate runs under --out that already finished --steps instead of retraining them")
     args = p.parse_args()
     args.val_every = args.val_every or max(1, args.steps // 10)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -332,8 +353,10 @@ def main() -> None:
         run_cfg = method_config(cfg, name, args)
         print(f"training {name}: {args.backbone}, {args.steps} steps, batch {args.batch_size} x "
               f"{args.num_workers} workers")
-        runs[name] = train_method(run_cfg)
-        print(f"{name}: {runs[name]['seconds']:.1f} s, checkpoint {runs[name]['checkpoint']}")
+        reused = finished_run(run_cfg) if args.reuse_runs else None
+        runs[name] = reused or train_method(run_cfg)
+        took = "reused" if reused else f"{runs[name]['seconds']:.1f} s"
+        print(f"{name}: {took}, checkpoint {runs[name]['checkpoint']}")
 
     rows = read_eval_rows(parquet)
     t = time.perf_counter()
@@ -351,6 +374,7 @@ def main() -> None:
         "ssim_srgb": {m: ev["per_method"][m]["ssim_srgb"] for m in order},
         "psnr_vs_steps": ev["psnr_vs_steps"],
         "psnr_vs_steps_srgb": ev["psnr_vs_steps_srgb"],
+        "exposure_diffusion_by_ratio_vs_steps": ev["ed_psnr_by_ratio_vs_steps"],
         "psnr_vs_steps_note": "mean over all held-out images; regression makes one network evaluation, so its "
                               "value is the same at every k",
         "exposure_diffusion_infer_steps": ev["infer_steps"].get("exposure_diffusion"),
