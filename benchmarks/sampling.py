@@ -14,6 +14,7 @@ process whose peak resident memory is read back with ``getrusage``.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import resource
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import machine_info, print_table, write_result
+from common import RESULTS_DIR, load_at_start, machine_info, print_table, write_result
 from skimage import data as skdata
 
 from lowlight import checkpoint
@@ -97,10 +98,20 @@ def main() -> None:
     p.add_argument("--large-steps", type=int, default=10)
     p.add_argument("--large-size", default="4000x6000", help="HxW of the full-size RAW")
     p.add_argument("--skip-large", action="store_true")
+    p.add_argument("--large-only", action="store_true", help="add the large run to an existing --json result")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; 1 is steadier when other work shares the machine)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    torch.set_num_threads(machine_info()["cores_usable"])
+    load = load_at_start()
+    torch.set_num_threads(args.threads or machine_info()["cores_usable"])
     method = build_method_for(args)
+    if args.large_only:
+        path = Path(args.json) if args.json else RESULTS_DIR / "sampling.json"
+        result = json.loads(path.read_text())
+        result["large"] = large_result(args, method)
+        write_result("sampling", result, path)
+        return
     photo = cv2.resize(skdata.astronaut(), (args.size, args.size), interpolation=cv2.INTER_AREA)
     image = torch.from_numpy(photo.astype(np.float32) / 255 / 8).permute(2, 0, 1)[None]  # a dark input
     latent = args.size // 8
@@ -116,15 +127,20 @@ def main() -> None:
                 title=f"{args.tile_steps} steps, overlap min(16, tile/2) latent px")
     result = {"method": args.method, "pretrained": args.pretrained, "image_size": [args.size, args.size],
               "seconds_per_image": per_steps, "tiled_seconds": tiled, "tile_steps": args.tile_steps,
-              "vae_tile": args.vae_tile, "torch_threads": torch.get_num_threads()}
+              "vae_tile": args.vae_tile, "torch_threads": torch.get_num_threads(),
+              "load_average_at_start": load}
     if not args.skip_large:
-        with tempfile.TemporaryDirectory() as tmp:
-            result["large"] = large_run(args, method, Path(tmp))
-        large = result["large"]
-        print_table(["image", "steps", "seconds", "peak RSS GiB"],
-                    [[f"{large['height']}x{large['width']} RAW", large["steps"], f"{large['seconds']:.0f}",
-                      large["peak_rss_gib"]]], title="full-size enhancement (lowlight.enhance)")
+        result["large"] = large_result(args, method)
     write_result("sampling", result, args.json)
+
+
+def large_result(args, method) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        large = large_run(args, method, Path(tmp))
+    print_table(["image", "steps", "seconds", "peak RSS GiB"],
+                [[f"{large['height']}x{large['width']} RAW", large["steps"], f"{large['seconds']:.0f}",
+                  large["peak_rss_gib"]]], title="full-size enhancement (lowlight.enhance)")
+    return large
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ from the same seed, takes its rows of the (id-sorted) split, and draws each step
 noise from a generator seeded by (seed, rank, step, micro-step). A run resumed from a
 checkpoint (weights, optimizer, scheduler, EMA, step) therefore continues exactly as an
 uninterrupted run would.
+
+Hugging Face ``accelerate`` runs inside each Ray Train worker (Ray has already set up the torch
+process group): it wraps the model in DDP, autocasts to bf16, and does gradient accumulation,
+clipping and backward. The LR scheduler stays outside ``accelerator.prepare``: its
+``AcceleratedScheduler`` steps once per process per call, which would advance the schedule
+``num_workers`` times per optimizer step here (``train.batch_size`` is per worker).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
+from accelerate import Accelerator
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -107,9 +114,19 @@ def batch_at(rows: dict[str, torch.Tensor], size: int, generator: torch.Generato
     return {k: v[index].to(device) for k, v in rows.items()}
 
 
-def _autocast(cfg: Config, device: torch.device):
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def make_accelerator(cfg: Config, world: int) -> Accelerator:
+    """An Accelerator joined to the process group Ray Train has already set up."""
+    ray_device = ray.train.torch.get_device()
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and ray_device.type == "cuda")
+    # cpu=True on CPU workers: without it accelerate sees no GPU, takes the run for a single
+    # process and would neither wrap the model in DDP nor skip gradient sync while accumulating.
+    accelerator = Accelerator(cpu=ray_device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=cfg.train.grad_accum)
+    # Both must agree, or gradients go unsynchronised / batches land on another GPU than the model.
+    if accelerator.num_processes != world or (ray_device.type == "cuda" and accelerator.device != ray_device):
+        raise RuntimeError(f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type}) "
+                           f"on {accelerator.device}, Ray Train {world} worker(s) on {ray_device}")
+    return accelerator
 
 
 def train_loop(loop_config: dict) -> None:
@@ -117,7 +134,8 @@ def train_loop(loop_config: dict) -> None:
     info, tc = loop_config["info"], cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    accelerator = make_accelerator(cfg, world)
+    device = accelerator.device
     torch.manual_seed(tc.seed)
     method: Method = build_method(cfg.method, info["channels"], cfg.model).to(device)
     columns = info["columns"]
@@ -138,23 +156,26 @@ def train_loop(loop_config: dict) -> None:
             if ema:
                 ema.load_state_dict(state["ema"])
             start = state["step"]
-    model = ray.train.torch.prepare_model(method, parallel_strategy="ddp" if world > 1 else None)
+    # The prepared optimizer steps and zeroes only when accelerate syncs gradients (every
+    # grad_accum-th accumulate()); `method` stays the unwrapped module for EMA, validation, saving.
+    model, prepared_optimizer = accelerator.prepare(method, optimizer)
     tick, seen = time.time(), 0
     for step in range(start, tc.steps):
         logs: dict[str, float] = {}
         for micro in range(tc.grad_accum):
             generator = step_generator(tc.seed, rank, step, micro, device)
             batch = batch_at(rows, tc.batch_size, generator, device)
-            sync = micro == tc.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else nullcontext()), _autocast(cfg, device):
+            with accelerator.accumulate(model):
                 loss, logs = model(batch, generator)
-                (loss / tc.grad_accum).backward()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.grad_clip:
+                    accelerator.clip_grad_norm_(params, tc.grad_clip)
+                prepared_optimizer.step()
+                prepared_optimizer.zero_grad(set_to_none=True)
             seen += tc.batch_size * world
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
+        if not accelerator.sync_gradients:
+            raise RuntimeError(f"accelerate did not step the optimizer after {tc.grad_accum} micro-steps")
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if ema:
             ema.update(method)
         done = step + 1

@@ -59,8 +59,8 @@ def check_env_vars(env_vars: dict, where: str) -> None:
     assert all(isinstance(v, str) for v in env_vars.values()), f"{where}: Ray needs string env values"
     if set(env_vars) & set(FORWARDED_ENV):
         assert env_vars.get("RAY_OVERRIDE_JOB_RUNTIME_ENV") == "1", (
-            f"{where} sets variables ensure_ray forwards again; Ray refuses the job without "
-            "RAY_OVERRIDE_JOB_RUNTIME_ENV=1")
+            f"{where} sets variables a local ensure_ray also passes in its runtime env; a driver that "
+            "does so under the job is refused without RAY_OVERRIDE_JOB_RUNTIME_ENV=1")
 
 
 def pod_containers(group: dict) -> list[dict]:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lowlight import checkpoint
 from lowlight.config import ConfigError, load_config
+from lowlight.methods import build_method
 from lowlight.methods.base import Method, MethodOptions, register
 from lowlight.train import build_trainer, preflight, train
 
@@ -43,6 +44,24 @@ def test_method_trains_and_checkpoints(raw_data, tmp_path, method):
     saved = load_file(str(ckpt / "model.safetensors"))
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_grad_accum_steps_optimizer_and_schedule_once_per_step(raw_data, tmp_path):
+    """2 workers x 2 micro-batches under bf16 autocast: 4 optimizer steps move the weights, and the
+    LR schedule advances once per optimizer step (not per micro-batch or per worker)."""
+    result = train(cfg_for(raw_data, tmp_path, "accum", "method.name=regression", "train.steps=4",
+                           "train.grad_accum=2", "train.precision=bf16", "train.warmup_steps=10",
+                           "train.checkpoint_every=4", "train.val_every=4", "train.val_images=0"))
+    ckpt = Path(result.checkpoint)
+    state = checkpoint.load_training_state(ckpt)
+    assert state["step"] == result.metrics["step"] == 4
+    assert state["scheduler"]["last_epoch"] == 4
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+    assert result.metrics["lr"] == pytest.approx(1e-3 * 5 / 10)  # warmup factor (k + 1) / 10 after k = 4 steps
+    cfg, trained = checkpoint.load_method(ckpt)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_method(cfg.method, trained.channels, cfg.model)
+    assert any(not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), trained.state_dict().values()))
 
 
 def test_training_state_refuses_pickled_objects(raw_data, tmp_path):

@@ -12,6 +12,7 @@ guidance uses as the unconditional branch at inference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -146,7 +147,7 @@ class LatentDiffusionMethod(Method):
         logs["loss"] = float(loss.detach())
         return loss, logs
 
-    def denoiser_for(self, hint: Tensor) -> callable:
+    def denoiser_for(self, hint: Tensor) -> Callable[[Region], Denoiser]:
         """Region -> a denoiser over that latent region, its hint cropped to match; the unconditional
         branch (classifier-free guidance) gets the null (zero) hint."""
         s = self.hint_scale
