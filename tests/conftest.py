@@ -98,3 +98,14 @@ def raw_data(ray_local, sample_root, fitted_vae, tmp_path_factory) -> Path:
                                           f"preprocess.output={out}", "preprocess.crop_size=64",
                                           "preprocess.crops_per_image=2", "preprocess.columns=[raw_in, raw_gt, z_gt]"]))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: intra-op threads only add contention (10-100x slower on a busy box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from lowlight.models.blocks import LayerNorm2d, NAFBlock
 LIGHT_WIDTH = {"unet": 4, "nafnet-1": None, "nafnet-small": 4, "nafnet": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10-100x slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(module: torch.nn.Module) -> int:

@@ -27,13 +27,7 @@ SD_LIKE = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one":
 TRAILING = {"timestep_spacing": "trailing", "steps_offset": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
