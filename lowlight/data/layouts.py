@@ -7,20 +7,30 @@ the scheme the caller gave (`s3://bucket/...`, or a plain local path).
 
 Layouts (folder names match case-insensitively; hidden files are ignored):
 
-- ``sid``: ``<root>/<Sony|Fuji>/{short,long}/<scene5>_<nn>_<exposure>s.<any ext>`` with list files
-  ``<root>/<Camera>_{train,test,val}_list.txt`` (``./Sony/short/a.ARW ./Sony/long/b.ARW ISO200 F8``).
+- ``sid``: ``<root>/Sony/{short,long}/<scene5>_<nn>_<exposure>s.<any ext>`` with list files
+  ``<root>/Sony_{train,test,val}_list.txt`` (``./Sony/short/a.ARW ./Sony/long/b.ARW ISO200 F8``).
   The first digit of the scene id gives the split (0 train, 1 test, 2 val); ratio =
   min(exposure_gt / exposure_in, 300). Without list files, each short exposure pairs with
-  the longest exposure of its scene in ``long/``.
+  the longest exposure of its scene in ``long/``. The three Sony test scenes whose references
+  are misaligned (10034, 10045, 10172) are kept, as SID's, ELD's and PMN's test lists keep them;
+  ``drop_misaligned=True`` drops them as DNF's list does. SID's Fuji
+  set is X-Trans (6x6 colour filter), which is not packed: it is skipped, and refused when asked for.
 - ``eld``: ``<root>/<Camera>/scene-<n>/IMG_<0001..0016>.<ext>``; frames 1, 6, 11, 16 are references,
-  every other frame pairs with the nearest of them; ratio from EXIF ISO x exposure.
-- ``lrd``, ``paired``: ``{low,high}`` (or ``input/target``, ``input/gt``, ``low/normal``) folders with
+  and each group of four frames between them holds the x1, x10, x100 and x200 exposures. Frames
+  of the ratios in ``eld_ratios`` (default x100 and x200, those ELD's ``test_ELD.py`` evaluates)
+  pair with the nearest reference; ratio from EXIF ISO x exposure.
+- ``lrd``: ``<root>/LRD/{Clean,Noisy}/`` with ``<root>/LRD_{train,val,test}_list.txt`` as released
+  (``./LRD/Clean/00001_00_0.25s.DNG ./LRD/Noisy/00001_01_0.00625s.DNG ISO1600 -1EV``, target first);
+  ratio = 100 x exposure_gt / (ISO x exposure_in), as LRD's code computes it (clean frames at ISO 100).
+- ``paired``: ``{low,high}`` (or ``input/target``, ``input/gt``, ``low/normal``) folders with
   matching file names, optionally under split folders (``train``, ``val``, ``test``, ``eval`` ...).
 - ``lol``: ``our485/{low,high}`` (train) and ``eval15/{low,high}`` (test).
 - ``lolv2``: ``Real_captured/{Train,Test}/{Low,Normal}`` (``lowN.png`` <-> ``normalN.png``) and
   ``Synthetic/{Train,Test}/{Low,Normal}`` (same names); camera ``real`` or ``synthetic``.
-- ``smid``: ``<root>/{input,gt}/<scene>/<file>``: every input frame of a scene pairs with the
-  scene's single gt image; ``<root>/test_list.txt`` names the test scenes, the rest are train.
+- ``smid``: SMID as released with SNR-Aware: ``<root>/SMID_LQ_np/<scene>/*.npy`` (inputs) and
+  ``<root>/SMID_Long_np/<scene>/`` (the reference: its first file, in name order, that is not a
+  RAW file or a ``half*`` rendering, as the released loaders pick it); ``test_list.txt`` at the
+  root (or inside ``SMID_Long_np``) names the test scenes, the rest are train.
 
 A layout without split folders (``eld``, a flat ``paired`` folder) labels its records with its
 default split, or with the one split the caller asked for.
@@ -29,6 +39,7 @@ default split, or with the one split the caller asked for.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import posixpath
 import re
@@ -41,12 +52,18 @@ import fsspec
 import tifffile
 from fsspec import AbstractFileSystem
 
+from lowlight.config import DatasetConfig
+
 SPLITS = ("train", "val", "test")
 RAW_EXTS = frozenset(
     {"arw", "nef", "nrw", "cr2", "cr3", "crw", "raf", "dng", "orf", "rw2", "pef", "srw", "3fr", "iiq", "x3f"}
 )
 SRGB_EXTS = frozenset({"png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"})
 MAX_LISTED = 20  # how many offending names an error message spells out
+ELD_RATIOS = (1, 10, 100, 200)  # the four low-light factors of each ELD frame group
+ELD_EVAL_RATIOS = (100, 200)  # the sets ELD's test_ELD.py evaluates (img_ids [4, 9, 14], [5, 10, 15])
+
+log = logging.getLogger(__name__)
 
 EXIF_EXPOSURE_TIME = 33434
 EXIF_ISO = 34855
@@ -83,7 +100,8 @@ class Request:
 
     splits: frozenset[str]
     camera: str | None
-    for_eval: bool
+    drop_misaligned: bool = False
+    eld_ratios: frozenset[int] = frozenset(ELD_EVAL_RATIOS)
 
 
 class Tree:
@@ -177,13 +195,24 @@ def load_records(
     splits: Iterable[str] | None = None,
     fs: AbstractFileSystem | None = None,
     camera: str | None = None,
-    for_eval: bool = False,
+    drop_misaligned: bool = False,
+    eld_ratios: Iterable[int] = ELD_EVAL_RATIOS,
 ) -> list[Record]:
-    """Records of the dataset at `root` in `layout`, sorted by split then id."""
+    """Records of the dataset at `root` in `layout`, sorted by split then id.
+
+    `drop_misaligned` drops SID's three misaligned Sony test scenes; `eld_ratios` chooses
+    which of ELD's x1, x10, x100, x200 frames become records.
+    """
     spec = _spec(layout, camera)
-    request = Request(_splits(splits), camera, for_eval)
+    request = Request(_splits(splits), camera, drop_misaligned, _eld_ratios(eld_ratios))
     records = [r for r in spec.load(Tree(os.fspath(root), fs), request) if r.split in request.splits]
     return sorted(_unique(records), key=lambda r: (SPLITS.index(r.split), r.id))
+
+
+def dataset_records(dataset: DatasetConfig, fs: AbstractFileSystem | None = None) -> list[Record]:
+    """`load_records` with every option the `dataset:` config section sets."""
+    return load_records(dataset.layout, dataset.root, splits=dataset.splits, fs=fs, camera=dataset.camera,
+                        drop_misaligned=dataset.drop_misaligned, eld_ratios=dataset.eld_ratios)
 
 
 def _spec(layout: str, camera: str | None) -> LayoutSpec:
@@ -202,6 +231,13 @@ def _splits(splits: Iterable[str] | None) -> frozenset[str]:
     unknown = sorted(wanted - set(SPLITS))
     if unknown or not wanted:
         raise LayoutError(f"splits must be a non-empty subset of {SPLITS}; got {sorted(wanted)}")
+    return wanted
+
+
+def _eld_ratios(ratios: Iterable[int]) -> frozenset[int]:
+    wanted = frozenset(ratios)
+    if not wanted or not wanted <= set(ELD_RATIOS):
+        raise LayoutError(f"eld_ratios must be a non-empty subset of {ELD_RATIOS}; got {sorted(wanted)}")
     return wanted
 
 
@@ -308,36 +344,88 @@ def _tree_exif(tree: Tree, rel: str) -> Exif:
         return read_exif(fh)
 
 
-# ---------------------------------------------------------------- SID
+# ---------------------------------------------------------------- pair lists (SID, LRD)
 
-SID_CAMERAS = ("Sony", "Fuji")
-SID_SPLIT_DIGIT = {"0": "train", "1": "test", "2": "val"}
-SID_MISALIGNED = frozenset({"10034", "10045", "10172"})  # Sony test scenes whose references move
-SID_MAX_RATIO = 300.0
-_SID_NAME = re.compile(r"^(\d{5})_\d+_(\d+(?:\.\d+)?)s$")
 _ISO_TOKEN = re.compile(r"^ISO(\d+(?:\.\d+)?)$")
+_EXPOSURE_NAME = re.compile(r"^(\d{5})_\d+_(\d+(?:\.\d+)?)s$")
 
 
 @dataclass(frozen=True)
-class _SidPair:
+class _ListedPair:
     input: str
     target: str
-    iso: float = 0.0
+    iso: float = 0.0  # 0 when the line has no ISO token
+    list_name: str = ""  # the list file and line that named the pair (error messages)
+    line: int = 0
+
+
+def _read_pair_list(tree: Tree, name: str, *, target_first: bool) -> list[_ListedPair]:
+    """The pairs of a released list file: two paths relative to the root, then tokens such as ISO200."""
+    pairs = []
+    for number, line in enumerate(tree.read_lines(name), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2:
+            order = "target input" if target_first else "input target"
+            raise LayoutError(f"{tree.url(name)} line {number}: expected '{order} [ISO..]'")
+        first, second = (posixpath.normpath(t) for t in tokens[:2])
+        isos = [float(m.group(1)) for m in map(_ISO_TOKEN.match, tokens[2:]) if m]
+        inp, target = (second, first) if target_first else (first, second)
+        pairs.append(_ListedPair(inp, target, isos[0] if isos else 0.0, name, number))
+    return pairs
+
+
+def _check_listed_files(tree: Tree, pairs: list[_ListedPair], hint: str = "") -> None:
+    missing = {f"{p.list_name}: {path}" for p in pairs for path in (p.input, p.target)
+               if path not in tree.files}
+    if missing:
+        raise LayoutError(f"{tree.name}: files named in list files are missing{hint}: {_listing(missing)}")
+
+
+def _exposure_name(path: str) -> tuple[str, float]:
+    """(scene id, exposure seconds) from a SID/LRD name like '00001_00_0.04s.ARW'."""
+    match = _EXPOSURE_NAME.match(_stem(posixpath.basename(path)))
+    if not match or float(match.group(2)) <= 0:
+        raise LayoutError(f"{path}: not a name like 00001_00_0.04s.ARW (scene, frame, exposure in seconds)")
+    return match.group(1), float(match.group(2))
+
+
+# ---------------------------------------------------------------- SID
+
+SID_CAMERAS = ("Sony", "Fuji")
+SID_XTRANS = "Fuji"  # SID's Fuji X-T2 set: 6x6 X-Trans colour filter, which raw.read_raw does not pack
+SID_SPLIT_DIGIT = {"0": "train", "1": "test", "2": "val"}
+# Sony test scenes whose long exposures are misaligned with the short ones; DNF's released
+# Sony_new_test_list.txt drops them (github.com/Srameo/DNF, README), SID's own test list keeps them.
+SID_MISALIGNED = frozenset({"10034", "10045", "10172"})
+SID_MAX_RATIO = 300.0
 
 
 @register_layout("sid", takes_camera=True)
 def sid_layout(tree: Tree, request: Request) -> list[Record]:
     present = [c for c in SID_CAMERAS if tree.resolve(c) or _sid_lists(tree, c)]
+    if request.camera == SID_XTRANS:
+        raise LayoutError(f"{tree.name}: SID's {SID_XTRANS} set is X-Trans (6x6 colour filter, RAF), which "
+                          "lowlight does not pack (only 2x2 Bayer); use camera 'Sony'")
+    if request.camera is None and SID_XTRANS in present:
+        log.warning("%s: skipping SID's %s set: X-Trans (6x6 colour filter) is not packed, only 2x2 Bayer",
+                    tree.name, SID_XTRANS)
+        present.remove(SID_XTRANS)
     cameras = _cameras(request.camera, present, "sid", tree)
-    return [r for camera in cameras for r in _sid_camera(tree, camera, request.for_eval)]
+    return [r for camera in cameras for r in _sid_camera(tree, camera, request.drop_misaligned)]
 
 
-def _sid_camera(tree: Tree, camera: str, for_eval: bool) -> list[Record]:
+def _sid_camera(tree: Tree, camera: str, drop_misaligned: bool) -> list[Record]:
     lists = _sid_lists(tree, camera)
-    pairs = _sid_list_pairs(tree, lists) if lists else _sid_folder_pairs(tree, camera)
+    if lists:
+        pairs = [p for name in lists for p in _read_pair_list(tree, name, target_first=False)]
+        _check_listed_files(tree, pairs)
+    else:
+        pairs = _sid_folder_pairs(tree, camera)
     records = [_sid_record(tree, camera, pair) for pair in pairs]
-    if for_eval and camera == "Sony":
-        records = [r for r in records if _sid_name(r.input)[0] not in SID_MISALIGNED]
+    if drop_misaligned and camera == "Sony":
+        records = [r for r in records if _exposure_name(r.input)[0] not in SID_MISALIGNED]
     return records
 
 
@@ -345,48 +433,22 @@ def _sid_lists(tree: Tree, camera: str) -> list[str]:
     return [name for name in (f"{camera}_{split}_list.txt" for split in SPLITS) if name in tree.files]
 
 
-def _sid_list_pairs(tree: Tree, lists: list[str]) -> list[_SidPair]:
-    pairs, missing = [], []
-    for name in lists:
-        for number, line in enumerate(tree.read_lines(name), 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) < 2:
-                raise LayoutError(f"{tree.url(name)} line {number}: expected 'input target [ISO..]'")
-            inp, target = (posixpath.normpath(t) for t in tokens[:2])
-            missing += [f"{name}: {p}" for p in (inp, target) if p not in tree.files]
-            isos = [float(m.group(1)) for m in map(_ISO_TOKEN.match, tokens[2:]) if m]
-            pairs.append(_SidPair(inp, target, isos[0] if isos else 0.0))
-    if missing:
-        raise LayoutError(f"{tree.name}: files named in list files are missing: {_listing(missing)}")
-    return pairs
-
-
-def _sid_folder_pairs(tree: Tree, camera: str) -> list[_SidPair]:
+def _sid_folder_pairs(tree: Tree, camera: str) -> list[_ListedPair]:
     shorts, longs = (tree.under_path(f"{camera}/{folder}") for folder in ("short", "long"))
     if not shorts:
         raise LayoutError(f"{tree.name}: no {camera}_*_list.txt and no files in {camera}/short")
     best: dict[str, str] = {}  # scene -> its longest exposure, the cleanest reference
-    for rel in sorted(longs, key=lambda p: _sid_name(p)[1]):
-        best[_sid_name(rel)[0]] = rel
-    unpaired = [rel for rel in shorts if _sid_name(rel)[0] not in best]
+    for rel in sorted(longs, key=lambda p: _exposure_name(p)[1]):
+        best[_exposure_name(rel)[0]] = rel
+    unpaired = [rel for rel in shorts if _exposure_name(rel)[0] not in best]
     if unpaired:
         raise LayoutError(f"{tree.name}: short exposures without a long one: {_listing(unpaired)}")
-    return [_SidPair(rel, best[_sid_name(rel)[0]]) for rel in shorts]
+    return [_ListedPair(rel, best[_exposure_name(rel)[0]]) for rel in shorts]
 
 
-def _sid_name(path: str) -> tuple[str, float]:
-    """(scene id, exposure seconds) from a name like '00001_00_0.04s.ARW'."""
-    match = _SID_NAME.match(_stem(posixpath.basename(path)))
-    if not match or float(match.group(2)) <= 0:
-        raise LayoutError(f"{path}: not a SID name like 00001_00_0.04s.ARW")
-    return match.group(1), float(match.group(2))
-
-
-def _sid_record(tree: Tree, camera: str, pair: _SidPair) -> Record:
-    scene, exposure_in = _sid_name(pair.input)
-    _, exposure_gt = _sid_name(pair.target)
+def _sid_record(tree: Tree, camera: str, pair: _ListedPair) -> Record:
+    scene, exposure_in = _exposure_name(pair.input)
+    _, exposure_gt = _exposure_name(pair.target)
     if scene[0] not in SID_SPLIT_DIGIT:
         raise LayoutError(f"{pair.input}: scene id {scene} does not start with 0, 1 or 2")
     return Record(
@@ -407,6 +469,7 @@ def _sid_record(tree: Tree, camera: str, pair: _SidPair) -> Record:
 # ---------------------------------------------------------------- ELD
 
 ELD_REFERENCES = (1, 6, 11, 16)
+ELD_FRAMES = 16
 _ELD_FILE = re.compile(r"^([^/]+)/(scene-[^/]+)/IMG_(\d+)\.[^/.]+$")
 
 
@@ -419,7 +482,7 @@ def eld_layout(tree: Tree, request: Request) -> list[Record]:
         record
         for (camera, scene), frames in sorted(scenes.items())
         if camera in cameras
-        for record in _eld_scene(tree, camera, frames, split)
+        for record in _eld_scene(tree, camera, frames, split, request.eld_ratios)
     ]
 
 
@@ -437,16 +500,34 @@ def eld_reference(index: int) -> int:
     return min(ELD_REFERENCES, key=lambda ref: abs(ref - index))
 
 
-def _eld_scene(tree: Tree, camera: str, frames: dict[int, str], split: str) -> list[Record]:
-    missing = sorted({eld_reference(i) for i in frames} - frames.keys())
+def eld_frame_ratio(index: int) -> int | None:
+    """The low-light factor of ELD frame `index` (None for a reference frame).
+
+    ELD's README: three ISOs, four factors (x1, x10, x100, x200) each, references 1, 6, 11, 16;
+    so frames 2-5, 7-10 and 12-15 are x1, x10, x100, x200 in turn (test_ELD.py evaluates
+    [4, 9, 14] and [5, 10, 15], the x100 and x200 sets).
+    """
+    if not 1 <= index <= ELD_FRAMES:
+        raise ValueError(f"ELD frames are numbered 1 to {ELD_FRAMES}, got {index}")
+    return None if index in ELD_REFERENCES else ELD_RATIOS[(index - 2) % 5]
+
+
+def _eld_scene(
+    tree: Tree, camera: str, frames: dict[int, str], split: str, ratios: frozenset[int]
+) -> list[Record]:
+    outside = [rel for i, rel in frames.items() if not 1 <= i <= ELD_FRAMES]
+    if outside:
+        raise LayoutError(f"{tree.name}: ELD frames are IMG_0001 to IMG_{ELD_FRAMES:04d}; "
+                          f"found {_listing(outside)}")
+    chosen = [i for i in sorted(frames) if eld_frame_ratio(i) in ratios]
+    missing = sorted({eld_reference(i) for i in chosen} - frames.keys())
     if missing:
         scene = posixpath.dirname(next(iter(frames.values())))
         raise LayoutError(f"{tree.url(scene)}: reference frames {missing} are missing")
-    exif = {index: _eld_exif(tree, rel) for index, rel in frames.items()}
+    exif = {i: _eld_exif(tree, frames[i]) for i in {*chosen, *map(eld_reference, chosen)}}
     return [
         _eld_record(tree, camera, frames[i], frames[eld_reference(i)], exif[i], exif[eld_reference(i)], split)
-        for i in sorted(frames)
-        if i not in ELD_REFERENCES
+        for i in chosen
     ]
 
 
@@ -473,7 +554,46 @@ def _eld_record(tree: Tree, camera: str, inp: str, ref: str, ein: Exif, egt: Exi
     )
 
 
-# ---------------------------------------------------------------- paired folders (LRD, LOL, LOLv2, generic)
+# ---------------------------------------------------------------- LRD
+
+LRD_LISTS = {split: f"LRD_{split}_list.txt" for split in SPLITS}
+LRD_CLEAN_ISO = 100.0  # LRD's code: ratio = (100 * clean_exposure) / (ISO * noisy_exposure)
+
+
+@register_layout("lrd")
+def lrd_layout(tree: Tree, request: Request) -> list[Record]:
+    lists = {split: name for split, name in LRD_LISTS.items() if name in tree.files}
+    if not lists:
+        raise LayoutError(f"{tree.name}: lrd needs {', '.join(LRD_LISTS.values())} at the root, beside the "
+                          "LRD/ folder, as LRD is released")
+    pairs = {split: _read_pair_list(tree, name, target_first=True) for split, name in lists.items()
+             if split in request.splits}
+    _check_listed_files(tree, [p for split_pairs in pairs.values() for p in split_pairs],
+                        " (list paths are relative to the folder that holds LRD/)")
+    return [_lrd_record(tree, pair, split) for split, split_pairs in pairs.items() for pair in split_pairs]
+
+
+def _lrd_record(tree: Tree, pair: _ListedPair, split: str) -> Record:
+    if pair.iso <= 0:
+        raise LayoutError(f"{tree.url(pair.list_name)} line {pair.line}: no ISO token (like ISO1600), "
+                          "which LRD's ratio needs")
+    _, exposure_in = _exposure_name(pair.input)
+    _, exposure_gt = _exposure_name(pair.target)
+    return Record(
+        id=_stem(posixpath.basename(pair.input)),
+        input=tree.url(pair.input),
+        target=tree.url(pair.target),
+        split=split,
+        dataset="lrd",
+        kind="raw",
+        iso=pair.iso,
+        exposure_in=exposure_in,
+        exposure_gt=exposure_gt,
+        ratio=LRD_CLEAN_ISO * exposure_gt / (pair.iso * exposure_in),
+    )
+
+
+# ---------------------------------------------------------------- paired folders (LOL, LOLv2, generic)
 
 PAIR_DIRS = (("low", "high"), ("input", "target"), ("input", "gt"), ("low", "normal"))
 SPLIT_DIRS = {
@@ -575,11 +695,6 @@ def _present_groups(tree: Tree, request: Request, candidates: Iterable[Group], l
     return [dataclasses.replace(g, folder=f) for g, f in found if f and g.split in request.splits]
 
 
-@register_layout("lrd")
-def lrd_layout(tree: Tree, request: Request) -> list[Record]:
-    return _split_folder_pairs(tree, request, "lrd")
-
-
 @register_layout("paired")
 def paired_layout(tree: Tree, request: Request) -> list[Record]:
     return _split_folder_pairs(tree, request, "paired")
@@ -612,52 +727,79 @@ def lolv2_layout(tree: Tree, request: Request) -> list[Record]:
     return walk_pairs(tree, _present_groups(tree, request, groups, "lolv2"), "lolv2")
 
 
-# ---------------------------------------------------------------- SMID (sRGB re-release)
+# ---------------------------------------------------------------- SMID (as released with SNR-Aware)
 
+SMID_INPUTS, SMID_REFERENCES = "SMID_LQ_np", "SMID_Long_np"
 SMID_TEST_LIST = "test_list.txt"
+# SNR-Aware's and Retinexformer's loaders skip these in SMID_Long_np/<scene>: the long RAW and its
+# half-size rendering ('.ARW' in path or 'half' in path); the first remaining file is the reference.
+_SMID_NOT_REFERENCE = re.compile(r"\.arw$|half", re.IGNORECASE)
 
 
 @register_layout("smid")
 def smid_layout(tree: Tree, request: Request) -> list[Record]:
-    inputs, refs = (tree.resolve(name) for name in ("input", "gt"))
-    if not (inputs and refs and SMID_TEST_LIST in tree.files):
-        raise LayoutError(f"{tree.name}: smid needs input/<scene>/, gt/<scene>/ and {SMID_TEST_LIST}")
-    frames, gts = _scene_files(tree, inputs), _scene_files(tree, refs)
-    bad = [scene for scene in frames if len(gts.get(scene, [])) != 1]
-    if bad:
-        raise LayoutError(f"{tree.url(refs)}: scenes without exactly one gt image: {_listing(bad)}")
-    test = _smid_test_scenes(tree, set(frames))
+    inputs, refs = (tree.resolve(name) for name in (SMID_INPUTS, SMID_REFERENCES))
+    if not (inputs and refs):
+        raise LayoutError(f"{tree.name}: smid needs {SMID_INPUTS}/<scene>/ and {SMID_REFERENCES}/<scene>/ "
+                          "(SMID as released with SNR-Aware)")
+    test_list = _smid_test_list(tree, refs)
+    frames, references = _scene_files(tree, inputs, set()), _scene_files(tree, refs, {test_list})
+    without = sorted(set(frames) - set(references))
+    if without:
+        raise LayoutError(f"{tree.url(refs)}: no reference folder for scenes {_listing(without)}")
+    gts = {scene: _smid_reference(tree, refs, scene, references[scene]) for scene in frames}
+    test = _smid_test_scenes(tree, test_list, set(frames))
     return [
-        _smid_record(tree, _stem(frame[len(inputs) + 1 :]), frame, gts[scene][0], scene in test)
+        _smid_record(tree, _stem(frame[len(inputs) + 1 :]), frame, gts[scene], scene in test)
         for scene in sorted(frames)
         for frame in frames[scene]
     ]
 
 
-def _scene_files(tree: Tree, folder: str) -> dict[str, list[str]]:
+def _smid_test_list(tree: Tree, refs: str) -> str:
+    candidates = (SMID_TEST_LIST, posixpath.join(refs, SMID_TEST_LIST))
+    found = next((name for name in candidates if name in tree.files), None)
+    if found is None:
+        raise LayoutError(f"{tree.name}: smid needs {' or '.join(candidates)} "
+                          "(SNR-Aware's list of test scenes)")
+    return found
+
+
+def _scene_files(tree: Tree, folder: str, skip: set[str]) -> dict[str, list[str]]:
     scenes: dict[str, list[str]] = defaultdict(list)
     for rel in tree.under(folder):
         parts = rel[len(folder) + 1 :].split("/")
+        if rel in skip:
+            continue
         if len(parts) < 2:
             raise LayoutError(f"{tree.url(rel)}: SMID files must sit in a scene folder")
         scenes[parts[0]].append(rel)
     return scenes
 
 
-def _smid_test_scenes(tree: Tree, scenes: set[str]) -> set[str]:
-    test = {line.strip() for line in tree.read_lines(SMID_TEST_LIST) if line.strip()}
+def _smid_reference(tree: Tree, refs: str, scene: str, files: list[str]) -> str:
+    candidates = [rel for rel in files if not _SMID_NOT_REFERENCE.search(posixpath.basename(rel))]
+    if not candidates:
+        raise LayoutError(f"{tree.url(posixpath.join(refs, scene))}: no reference file "
+                          "(only RAW or 'half' files)")
+    return candidates[0]
+
+
+def _smid_test_scenes(tree: Tree, test_list: str, scenes: set[str]) -> set[str]:
+    test = {line.strip() for line in tree.read_lines(test_list) if line.strip()}
     unknown = test - scenes
     if unknown:
-        raise LayoutError(f"{tree.url(SMID_TEST_LIST)} names scenes that have no input: {_listing(unknown)}")
+        raise LayoutError(f"{tree.url(test_list)} names scenes that have no input: {_listing(unknown)}")
     return test
 
 
 def _smid_record(tree: Tree, record_id: str, frame: str, gt: str, is_test: bool) -> Record:
+    # SMID's .npy frames are sRGB renderings of the RAW captures (SNR-Aware's README)
     return Record(
         id=record_id,
         input=tree.url(frame),
         target=tree.url(gt),
         split="test" if is_test else "train",
         dataset="smid",
-        kind=kind_of(frame),
+        kind="srgb",
     )

@@ -7,6 +7,9 @@ Two ISPs live here:
 * ``simple_isp`` is the documented, differentiable-in-spirit ISP used on packed
   tensors and for metrics; on ``half_size`` renders it reproduces LibRaw.
 
+``read_raw`` takes black and white levels from LibRaw, except for the cameras whose released
+datasets pin them (``camera_levels``), and refuses sensors that are not 2x2 Bayer.
+
 All arrays are float32 unless stated otherwise.
 """
 
@@ -19,6 +22,9 @@ from functools import cache
 
 import numpy as np
 import rawpy
+import tifffile
+
+from lowlight.data.camera_levels import pinned_levels
 
 Source = str | os.PathLike | bytes
 
@@ -28,6 +34,9 @@ PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 XYZ_FROM_SRGB = np.array(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
 )
+
+# TIFF tags that name the camera (TIFF 6.0 Make and Model; DNG 1.4 UniqueCameraModel).
+MAKE, MODEL, UNIQUE_CAMERA_MODEL = 271, 272, 50708
 
 # rawpy's default postprocess gamma, (power, toe slope); SID rendered its targets with it.
 DEFAULT_GAMMA = (2.222, 4.5)
@@ -43,6 +52,10 @@ class RawFrame:
     white_level: float
     camera_wb: np.ndarray  # (3,) as-shot R, G, B multipliers with G == 1
     cam_to_srgb: np.ndarray  # (3, 3) white-balanced camera RGB -> linear sRGB
+
+
+class UnsupportedSensor(ValueError):
+    """A RAW file whose colour filter array is not 2x2 Bayer (X-Trans, Foveon, linear DNG)."""
 
 
 def _open(source: Source) -> rawpy.RawPy:
@@ -62,15 +75,47 @@ def cam_to_srgb_from_xyz(xyz_to_cam: np.ndarray) -> np.ndarray:
     return np.linalg.inv(cam_from_srgb).astype(np.float32)
 
 
+def camera_names(source: Source) -> tuple[str, ...]:
+    """How a TIFF-based RAW (ARW, NEF, CR2, DNG) names its camera: (Model, Make + Model,
+    UniqueCameraModel), empty strings where absent; all empty for other formats (RAF, CR3).
+
+    rawpy does not expose LibRaw's make and model, so they are read from the TIFF tags.
+    """
+    handle = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        with tifffile.TiffFile(handle) as tif:
+            tags = tif.pages[0].tags
+            make, model, unique = (str(tags[c].value).strip() if c in tags else "" for c in
+                                   (MAKE, MODEL, UNIQUE_CAMERA_MODEL))
+    except (tifffile.TiffFileError, ValueError, OSError):
+        return ("", "", "")
+    return model, f"{make} {model}".strip() if model else "", unique
+
+
+def _source_name(source: Source) -> str:
+    return "RAW data" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{os.fspath(source)}'"
+
+
 def read_raw(source: Source) -> RawFrame:
     """Read a RAW file (path or bytes) into a RawFrame.
 
     ``cam_to_srgb`` is derived from rawpy's ``rgb_xyz_matrix`` (the file's or LibRaw's
     built-in XYZ -> camera matrix) exactly as LibRaw derives the ``rgb_cam`` it applies in
     ``postprocess``; rawpy's ``color_matrix`` is only a fallback because it is zero for
-    many non-DNG files.
+    many non-DNG files. Black and white levels are LibRaw's for the file unless the camera
+    has pinned levels (``camera_levels.PINNED_LEVELS``). A colour filter array other than
+    2x2 Bayer raises ``UnsupportedSensor``: an X-Trans sensor's top-left 2x2 can look like
+    a Bayer cell, so the repeating pattern's size is checked, not its corner.
     """
+    pinned = pinned_levels(camera_names(source))
     with _open(source) as raw:
+        cfa = raw.raw_pattern
+        if cfa is None or np.shape(cfa) != (2, 2):
+            size = "no" if cfa is None else "x".join(map(str, np.shape(cfa)))
+            kind = " (Fujifilm X-Trans)" if size == "6x6" else ""
+            raise UnsupportedSensor(
+                f"{_source_name(source)} has a {size} colour filter array{kind}; only 2x2 Bayer sensors are "
+                "packed (SID and ELD pack X-Trans into 9 channels, which lowlight does not)")
         visible = raw.raw_image_visible
         h, w = (visible.shape[0] // 2) * 2, (visible.shape[1] // 2) * 2
         bayer = np.array(visible[:h, :w], dtype=np.uint16)
@@ -79,8 +124,14 @@ def read_raw(source: Source) -> RawFrame:
         desc = raw.color_desc.decode()
         pattern = "".join(desc[c] for c in cell_colors)
         if pattern not in PATTERNS:
-            raise ValueError(f"unsupported colour filter array {pattern!r} (only 2x2 Bayer)")
+            raise UnsupportedSensor(f"{_source_name(source)}: unsupported colour filter array {pattern!r} "
+                                    "(only 2x2 Bayer)")
         black = np.asarray(raw.black_level_per_channel, np.float32)[cell_colors]
+        white = float(raw.white_level)
+        if pinned is not None:
+            white = float(pinned.white_level)
+            if pinned.black_level is not None:
+                black = np.full(4, pinned.black_level, np.float32)
         wb = np.asarray(raw.camera_whitebalance[:3], np.float32)
         if not np.all(wb > 0):
             wb = np.asarray(raw.daylight_whitebalance[:3], np.float32)
@@ -93,7 +144,7 @@ def read_raw(source: Source) -> RawFrame:
             bayer=bayer,
             pattern=pattern,
             black_level=black,
-            white_level=float(raw.white_level),
+            white_level=white,
             camera_wb=(wb / wb[1]).astype(np.float32),
             cam_to_srgb=ccm,
         )
@@ -122,11 +173,15 @@ def unpack_mosaic(packed: np.ndarray, pattern: str) -> np.ndarray:
     return mosaic
 
 
+def packed_black_level(frame: RawFrame) -> np.ndarray:
+    """(4,) float32 black level in the packed R, G1, B, G2 order (``frame.black_level`` is in raster order)."""
+    return np.array([frame.black_level[2 * dy + dx] for dy, dx in channel_offsets(frame.pattern)], np.float32)
+
+
 def pack_bayer(frame: RawFrame) -> np.ndarray:
     """(4, H/2, W/2) float32 in R, G1, B, G2 order, black-subtracted, scaled to [0, 1]."""
     packed = pack_mosaic(frame.bayer.astype(np.float32), frame.pattern)
-    black = np.array([frame.black_level[2 * dy + dx] for dy, dx in channel_offsets(frame.pattern)])
-    black = black.astype(np.float32)[:, None, None]
+    black = packed_black_level(frame)[:, None, None]
     return np.clip((packed - black) / (frame.white_level - black), 0.0, 1.0)
 
 
