@@ -15,17 +15,21 @@ Layout under ``out_dir`` (a local path or ``s3://`` URL)::
     lol/eval15/{low,high}/<id>_<k>.png   val and test scenes (held out from training)
 
 Scene ids have five digits whose first one is the split (0 train, 1 test, 2 val), as in
-SID. Every file is derived from its own seed, written atomically, and skipped when
-already present, so a re-run finishes an interrupted build with identical bytes.
+SID. Photos come from ``skimage.data`` (the small default), a folder, or the extended set that
+``lowlight photos`` extracts, whose manifest states each photo's split. Every file is derived from
+its own seed, written atomically, and skipped when already present, so a re-run finishes an
+interrupted build with identical bytes; ``samples.json`` records the photos and settings, and a
+build into a folder made from other photos or settings is refused (its files would be kept).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +39,12 @@ from skimage.transform import resize
 from tqdm import tqdm
 
 from lowlight import storage
+from lowlight.config import SamplesConfig
 from lowlight.data.images import IMAGE_SUFFIXES, encode_png, read_image
 from lowlight.data.noise import NoiseCalibration, add_noise, sample_noise_params
+from lowlight.data.photos import read_manifest
 from lowlight.data.raw import channel_offsets, pack_mosaic, render_srgb, unpack_mosaic
 from lowlight.data.unprocess import CameraProfile, mosaic, unprocess, write_dng
-
-Photo = tuple[str, np.ndarray]
 
 # skimage.data colour photographs; the last two become the val and test scenes.
 DEFAULT_PHOTOS = (
@@ -51,6 +55,16 @@ ISO_CHOICES = (400, 800, 1600, 3200, 6400)
 F_NUMBERS = (2.8, 4.0, 5.6, 8.0, 11.0)
 SPLIT_DIGIT = {"train": "0", "test": "1", "val": "2"}
 LOL_FOLDER = {"train": "our485", "val": "eval15", "test": "eval15"}
+STAMP = "samples.json"
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A photograph to synthesise a scene from: read only when the scene's files are written."""
+
+    name: str
+    load: Callable[[], np.ndarray]
+    split: str | None = None  # None: build_samples assigns splits itself
 
 
 @dataclass(frozen=True)
@@ -65,15 +79,35 @@ class _Scene:
 
 def default_photos() -> list[Photo]:
     """The colour photographs shipped inside scikit-image."""
-    return [(name, getattr(skimage.data, name)()) for name in DEFAULT_PHOTOS]
+    return [Photo(name, getattr(skimage.data, name)) for name in DEFAULT_PHOTOS]
 
 
 def photos_from_dir(directory: str | os.PathLike) -> list[Photo]:
-    """Every image file directly inside ``directory`` (sorted by name) as (stem, HWC float)."""
+    """Every image file directly inside ``directory`` (sorted by name), named by its stem."""
     paths = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
-    return [(p.stem, read_image(str(p))) for p in paths]
+    return [Photo(p.stem, partial(read_image, str(p))) for p in paths]
+
+
+def photos_from_manifest(folder: str | os.PathLike) -> list[Photo]:
+    """The photos a ``lowlight photos`` manifest lists, with the manifest's splits."""
+    rows = read_manifest(folder)
+    missing = [r.output_file for r in rows if not (Path(folder) / r.output_file).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {len(missing)} photos of its manifest ({', '.join(missing[:3])}): "
+                                "run `lowlight photos` again")
+    return [Photo(r.output_file, partial(read_image, str(Path(folder) / r.output_file)), r.split) for r in rows]
+
+
+def configured_photos(cfg: SamplesConfig, from_dir: str | None = None) -> list[Photo] | None:
+    """The photos the samples config asks for (None: the default skimage.data set)."""
+    source = from_dir or cfg.from_dir
+    if source and cfg.photos == "extended":
+        raise ValueError("samples.from_dir (--from) and samples.photos=extended exclude each other")
+    if source:
+        return photos_from_dir(source)
+    return photos_from_manifest(cfg.photos_dir) if cfg.photos == "extended" else None
 
 
 def prepare_photo(photo: np.ndarray, max_side: int) -> np.ndarray:
@@ -109,10 +143,25 @@ def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def _scenes(names: Sequence[str], seed: int) -> list[_Scene]:
+def _splits(photos: Sequence[Photo]) -> list[str]:
+    """The photos' own splits when they all have one, else ``assign_splits``."""
+    given = [p.split for p in photos]
+    if all(s is None for s in given):
+        return assign_splits(len(photos))
+    if any(s not in SPLIT_DIGIT for s in given):
+        bad = next(p for p in photos if p.split not in SPLIT_DIGIT)
+        raise ValueError(f"photo '{bad.name}' has split {bad.split!r}: all photos need one of {tuple(SPLIT_DIGIT)}")
+    lacking = [s for s in SPLIT_DIGIT if s not in given]
+    if lacking:
+        raise ValueError(f"the photos' splits leave {', '.join(lacking)} empty; the sample set needs all three")
+    return given
+
+
+def _scenes(photos: Sequence[Photo], seed: int) -> list[_Scene]:
     counters = dict.fromkeys(SPLIT_DIGIT, 0)
     scenes = []
-    for index, (name, split) in enumerate(zip(names, assign_splits(len(names)), strict=True)):
+    names = [p.name for p in photos]
+    for index, (name, split) in enumerate(zip(names, _splits(photos), strict=True)):
         counters[split] += 1
         rng = np.random.default_rng(_seed(seed, index))
         scenes.append(_Scene(
@@ -191,9 +240,9 @@ def _srgb_png(dng: bytes) -> bytes:
     return encode_png(render_srgb(dng), bits=16)
 
 
-def _build_scene(build: _Build, scene: _Scene, photo: np.ndarray, writer: _Writer) -> list[str]:
+def _build_scene(build: _Build, scene: _Scene, photo: Photo, writer: _Writer) -> list[str]:
     """Write one scene's DNGs and PNGs (those missing); returns its list-file lines."""
-    clean = cache(lambda: _clean_adu(photo, build))
+    clean = cache(lambda: _clean_adu(photo.load(), build))
     long_name = f"{scene.id}_00_{exposure_label(LONG_EXPOSURE_S)}s.dng"
     long_url = storage.join(build.raw_root, "Sony", "long", long_name)
     # The long exposure gets the lowest calibrated gain's noise whatever the scene's ISO.
@@ -227,6 +276,19 @@ def _build_short(
     return f"./{short_rel}"
 
 
+def _claim(out: str, settings: dict) -> None:
+    """Record what the folder is built from; refuse a folder built from other photos or settings,
+    since existing files are kept and would mix two sets."""
+    url = storage.join(out, STAMP)
+    text = json.dumps(settings, indent=1) + "\n"
+    if storage.exists(url):
+        if json.loads(storage.read_text(url)) != json.loads(text):
+            raise ValueError(f"{out} holds a sample set built from other photos or settings ({STAMP}); "
+                             "set samples.out to another folder or delete it")
+        return
+    storage.atomic_write_text(url, text)
+
+
 def build_samples(
     out_dir: str | os.PathLike,
     *,
@@ -251,10 +313,12 @@ def build_samples(
         ratios=tuple(ratios),
         max_side=max_side,
     )
-    scenes = _scenes([name for name, _ in photos], seed)
+    scenes = _scenes(photos, seed)
+    _claim(out, {"scenes": {s.id: s.name for s in scenes}, "seed": seed, "ratios": [float(r) for r in ratios],
+                 "max_side": max_side, "camera": camera})
     writer = _Writer()
     lists: dict[str, list[str]] = {split: [] for split in SPLIT_DIGIT}
-    for scene, (_, photo) in tqdm(list(zip(scenes, photos, strict=True)), desc="samples", disable=not progress):
+    for scene, photo in tqdm(list(zip(scenes, photos, strict=True)), desc="samples", disable=not progress):
         lists[scene.split] += _build_scene(build, scene, photo, writer)
     for split, lines in lists.items():
         text = "".join(f"{line}\n" for line in lines)
