@@ -124,7 +124,7 @@ def wait_for_job(address: str, env: dict) -> str:
 def test_submitted_training_job_finishes(head_cluster, raw_data, tmp_path):
     address, env, head_logs = head_cluster
     overrides = [f"train.data={raw_data}", f"train.storage_path={tmp_path}", "train.name=job",
-                 "method.backbone=nafnet-1", "train.steps=2", "train.checkpoint_every=2", "train.num_workers=1",
+                 "method.backbone=nafnet-l4-w8", "train.steps=2", "train.checkpoint_every=2", "train.num_workers=1",
                  "train.batch_size=2", "train.val_batches=1", "train.val_images=0"]
     entry = [sys.executable, "workflows/train.py", "--config", "sample_raw",
              *(a for o in overrides for a in ("--set", o))]
