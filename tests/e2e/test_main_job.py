@@ -10,7 +10,10 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 SMALL = ["samples.max_side=192", "fit_vae.steps=40", "preprocess.crop_size=64", "preprocess.crops_per_image=1",
-         "ray.num_cpus=2", "method.backbone=nafnet-1", "train.steps=4", "train.batch_size=2", "train.val_batches=2"]
+         "ray.num_cpus=3", "method.backbone=nafnet-l4-w8", "train.steps=4", "train.batch_size=2", "train.val_batches=2"]
+# What Ray prints when left to itself: Ray Data's execution plans, Ray Train's per-report dumps.
+RAY_LOGS = ("Execution plan of Dataset", "TrainingReport(")
+SCREEN = 40  # lines
 
 
 def run_main_job(cwd: Path) -> str:
@@ -18,12 +21,17 @@ def run_main_job(cwd: Path) -> str:
     args = [str(lowlight), "run"] + [a for s in SMALL for a in ("--set", s)]
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    # One screen: tqdm bars off a terminal redraw with "\r" and end in one "\n" each, so count "\n" only.
+    console = done.stdout + done.stderr
+    assert console.count("\n") <= SCREEN and not any(t in console for t in RAY_LOGS), console
     return done.stdout
 
 
 def test_main_job_prints_parquet_location_and_resumes(tmp_path):
     first = run_main_job(tmp_path)
     assert "fitting the VAE" in first
+    log = tmp_path / next(line for line in first.splitlines() if line.startswith("log: ")).removeprefix("log: ")
+    assert all(t in log.read_text() for t in RAY_LOGS), log.read_text()[-3000:]
     summary = next(line for line in first.splitlines() if line.startswith("preprocess:"))
     rows = int(summary.split()[1])
     location = next(line for line in first.splitlines() if line.startswith("Parquet:")).split(":", 1)[1].strip()
