@@ -78,17 +78,55 @@ def sample_ratios(scale: int) -> tuple[int, ...]:
     return ratios
 
 
-def build_bench_samples(root: Path, scale: int, max_side: int) -> Path:
+def build_bench_samples(root: Path, scale: int, max_side: int, extended_photos: str | Path | None = None) -> Path:
     """The embedded sample set with ``3 * scale`` short exposures per scene (21 * scale SID records).
 
-    Every short exposure is its own noisy DNG at its own ratio, so each record is distinct work;
-    the build resumes, so a second benchmark run reuses it. Returns the SID root (``raw/``).
+    ``extended_photos``: the folder `lowlight photos` extracted (336 photos, split as its manifest
+    says) instead of the 7 skimage.data ones. Every short exposure is its own noisy DNG at its own
+    ratio, so each record is distinct work; the build resumes, so a second benchmark run reuses it.
+    Returns the SID root (``raw/``).
     """
-    from lowlight.data.samples import build_samples
+    from lowlight.data.samples import build_samples, photos_from_manifest
 
-    out = root / f"samples-x{scale}-{max_side}"
-    build_samples(out, ratios=sample_ratios(scale), max_side=max_side, progress=False)
+    photos = photos_from_manifest(extended_photos) if extended_photos else None
+    out = root / f"samples-x{scale}-{max_side}{'-extended' if extended_photos else ''}"
+    build_samples(out, photos=photos, ratios=sample_ratios(scale), max_side=max_side, progress=False)
     return out / "raw"
+
+
+def write_synthetic_parquet(out: Path, train_rows: int, *, crop: int, rows_per_file: int, val_rows: int = 0,
+                            seed: int = 0) -> Path:
+    """Random rows in the Parquet contract's schema, as fast as numpy draws them: float16 packed-raw
+    ``raw_in``/``raw_gt`` (4 x crop/2 x crop/2, in [0, 1)), ``ratio``, ``iso``, ``wb``, ``ccm``; ids ``00000000``,
+    ``00000001``, ... (train rows first, then val). ``rows_per_file`` rows per part file (one row group each);
+    crops of a record are adjacent, as preprocess writes them. Reused when ``out`` already holds the same rows."""
+    import pyarrow.parquet as pq
+
+    from lowlight.data.parquet import VaeStamp, to_table
+
+    params = {"train_rows": train_rows, "val_rows": val_rows, "crop": crop, "rows_per_file": rows_per_file,
+              "seed": seed}
+    marker = out / "_SYNTHETIC.json"
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    total, side = train_rows + val_rows, crop // 2
+    for part, start in enumerate(range(0, total, rows_per_file)):
+        rows = np.arange(start, min(start + rows_per_file, total))
+        n = len(rows)
+        batch = {"id": np.char.zfill(rows.astype(str), 8), "record_id": np.char.zfill((rows // 8).astype(str), 8),
+                 "split": np.where(rows < train_rows, "train", "val"), "ratio": np.full(n, 100.0),
+                 "iso": np.full(n, 3200.0), "wb": np.tile(np.float32([2.0, 1.0, 1.5]), (n, 1)),
+                 "ccm": np.tile(np.eye(3, dtype=np.float32), (n, 1, 1)),
+                 "raw_in": rng.random((n, 4, side, side), dtype=np.float32).astype(np.float16),
+                 "raw_gt": rng.random((n, 4, side, side), dtype=np.float32).astype(np.float16)}
+        table = to_table(batch, VaeStamp(vae_id="none", scaling_factor=1.0))
+        pq.write_table(table, out / f"part-{part:05d}.parquet", row_group_size=rows_per_file)
+    marker.write_text(json.dumps(params))
+    return out
 
 
 def _busy_ticks() -> int:
@@ -161,6 +199,45 @@ class CpuShare:
     def record(self) -> dict:
         return {"own_cpu_seconds": round(self.own_cpu_s, 1), "other_cpu_seconds": round(self.other_cpu_s, 1),
                 "other_cpu_share": round(self.other_share, 3)}
+
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size of one process (shared pages split among the processes mapping them)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak of the summed PSS of this process and its descendants during a block (polled every
+    ``interval`` seconds), so a Ray cluster's object store pages are counted once, not per mapping."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+
+    def _sample(self) -> None:
+        total = sum(_pss_bytes(pid) for pid, _ in _tree_ticks())
+        self.peak_bytes = max(self.peak_bytes, total)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @contextmanager

@@ -1,10 +1,24 @@
 """The Ray Train loop: any registered method, trained from Parquet by a TorchTrainer.
 
-Determinism is by construction rather than by saved RNG state: every worker builds the model
-from the same seed, takes its rows of the (id-sorted) split, and draws each step's batch and
-noise from a generator seeded by (seed, rank, step, micro-step). A run resumed from a
-checkpoint (weights, optimizer, scheduler, EMA, step) therefore continues exactly as an
-uninterrupted run would.
+Input streams from Ray Data. The driver only plans lazy datasets; Ray Train splits the training split
+across the workers (``streaming_split(equal=True)``: disjoint parts with equal row counts, the remainder of
+fewer than ``num_workers`` rows dropped), and each worker iterates its part in batches. A worker holds
+the blocks in flight, its local shuffle buffer (``train.shuffle_buffer`` rows) and the current batch, so
+its memory depends on those and the block size, not on the size of the split; nothing holds the split.
+
+Order is deterministic by construction. Files are read in an order shuffled by ``train.seed`` and Ray Data
+preserves that order (``ExecutionOptions(preserve_order=True)``), so the split gives every worker the same
+rows in the same sequence on every run; epoch ``e`` shuffles them through the worker's local buffer seeded
+by ``train.seed + e``. A worker's part of the split is therefore the same every epoch, in a new order.
+The method's randomness comes from a generator per (seed, rank, step, micro-step).
+
+Resume guarantee: exact. A checkpoint records the weights, optimizer, LR schedule, EMA, step and the data
+position (epoch, batches taken in that epoch). A resumed worker re-reads that epoch of its part and drops
+the batches already taken (reading them again), so it trains on the same batches in the same order with the
+same noise as an uninterrupted run; on CPU with two workers (gloo sums of two commute) the weights are
+bit-identical. This holds when the Parquet files, ``num_workers``, ``batch_size``, ``grad_accum``,
+``shuffle_buffer`` and ``seed`` are those of the interrupted run; with others the run resumes at the
+recorded epoch and batch count but sees other batches.
 
 Hugging Face ``accelerate`` runs inside each Ray Train worker (Ray has already set up the torch
 process group): it wraps the model in DDP, autocasts to bf16, and does gradient accumulation,
@@ -16,6 +30,7 @@ clipping and backward. The LR scheduler stays outside ``accelerator.prepare``: i
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -28,11 +43,13 @@ import ray
 import ray.train
 import torch
 from accelerate import Accelerator
+from ray.data import DataContext, ExecutionOptions, FileShuffleConfig
+from ray.data.expressions import col
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lowlight import checkpoint, storage
-from lowlight.config import Config, ConfigError
+from lowlight.config import Config, ConfigError, TrainConfig
 from lowlight.methods import Method, build_method, method_class, parse_options
 from lowlight.models import sd
 from lowlight.optim import EMA, lr_lambda
@@ -83,35 +100,115 @@ def _check_vae(cfg: Config, files: list[str], fs) -> None:
                           "re-run preprocess with this VAE or point model.vae at the one that made them")
 
 
-def read_split(cfg: Config, split: str, columns: list[str]) -> ray.data.Dataset:
+def check_data_cpus(cfg: Config) -> None:
+    """Ray Train keeps its workers' CPUs out of Ray Data's budget; with none left, the first read task
+    waits forever. Refuse such a cluster before any worker starts."""
+    tc = cfg.train
+    if not tc.data_cpus:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = tc.num_workers * tc.cpus_per_worker
+    if total - held < tc.data_cpus:
+        raise ConfigError(
+            f"config keys 'train.num_workers' x 'train.cpus_per_worker' give Ray Train {held:g} of the cluster's "
+            f"{total:g} CPUs, leaving {total - held:g}; Ray Data needs train.data_cpus={tc.data_cpus:g} to stream "
+            f"the batches (with none it waits forever). Lower train.cpus_per_worker or train.num_workers, or start "
+            f"the local cluster with ray.num_cpus={math.ceil(held + tc.data_cpus)} (logical CPUs may exceed cores)")
+
+
+def split_dataset(cfg: Config, split: str, columns: list[str], *, file_seed: int | None = None,
+                  limit: int | None = None) -> ray.data.Dataset:
+    """One split's rows as a lazy dataset: the driver reads file footers (and the few rows Ray samples to
+    estimate block sizes), the workers read the rows."""
     fs, _ = storage.arrow_filesystem(cfg.train.data, cfg.storage.endpoint_url)
     paths = [storage.arrow_filesystem(p, cfg.storage.endpoint_url)[1] for p in parquet_files(cfg)]
-    # Materialised on the driver before the workers take their CPUs: read tasks scheduled later
-    # would wait for CPUs the training workers hold (a deadlock when they hold them all).
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "split", *columns])
-    return ds.filter(expr=f"split == '{split}'").drop_columns(["split"]).materialize()
+    shuffle = None if file_seed is None else FileShuffleConfig(seed=file_seed, reseed_after_execution=False)
+    # The V1 Parquet reader: Ray 2.60's V2 reader starts a pool of footer-reading actors (new processes) on
+    # every execution, i.e. every epoch (measured on a busy 2-core machine: 6 process starts and 19 CPU-s
+    # for an epoch of 96 rows), while V1 reuses Ray's workers (under 1 s). Both keep the seeded file order.
+    context = DataContext.get_current()
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    finally:
+        context.use_datasource_v2 = use_v2
+    # Ray Data pushes the split filter and the column selection down into the Parquet reads.
+    ds = ds.filter(expr=col("split") == split).select_columns(columns)
+    return ds.limit(limit) if limit else ds
 
 
-def load_rows(shard, columns: list[str], rank: int, world: int, limit: int | None = None) -> dict[str, torch.Tensor]:
-    """This worker's rows as float32 tensors: sorted by id, then every world-th row from rank."""
+class BatchStream:
+    """This worker's training batches (float32 tensors on ``device``), epoch after epoch, from a position:
+    ``epoch`` and ``batch``, the batches already taken in that epoch (what a checkpoint records)."""
+
+    def __init__(self, shard, tc: TrainConfig, device: torch.device, epoch: int = 0, batch: int = 0):
+        self.shard, self.tc, self.device = shard, tc, device
+        self.epoch, self.batch = epoch, batch
+        self._batches = None
+
+    def _open(self):
+        shuffle = self.tc.shuffle_buffer > 0
+        batches = iter(self.shard.iter_torch_batches(
+            batch_size=self.tc.batch_size, dtypes=torch.float32, device=self.device, drop_last=True,
+            local_shuffle_buffer_size=self.tc.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=self.tc.seed + self.epoch if shuffle else None))
+        for taken in range(self.batch):
+            if next(batches, None) is None:
+                raise ValueError(f"epoch {self.epoch} of this worker's data has {taken} batches, but the checkpoint "
+                                 f"resumes after {self.batch}: the Parquet, train.num_workers or train.batch_size "
+                                 "changed since it was written")
+        return batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            self._batches = self._open()
+        batch = next(self._batches, None)
+        if batch is None:
+            if self.batch == 0:
+                raise ValueError(f"this worker's part of split '{self.tc.train_split}' holds fewer than "
+                                 f"train.batch_size={self.tc.batch_size} rows; use a smaller batch or fewer workers")
+            self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
+            return next(self)
+        self.batch += 1
+        return batch
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+def read_rows(shard, columns: list[str]) -> dict[str, torch.Tensor]:
+    """All rows of a small (limited) dataset shard as float32 CPU tensors, in the dataset's order."""
     batches = list(shard.iter_batches(batch_size=1024, batch_format="numpy"))
     if not batches:
-        raise ValueError("a training split is empty: check train.train_split / train.val_split and the Parquet")
-    ids = np.concatenate([b["id"] for b in batches])
-    order = np.argsort(ids, kind="stable")[rank::world][:limit]
-    return {c: torch.from_numpy(np.concatenate([b[c] for b in batches])[order].astype(np.float32)) for c in columns}
+        raise ValueError("the validation split is empty: check train.val_split and the Parquet")
+    return {c: torch.from_numpy(np.concatenate([b[c] for b in batches]).astype(np.float32)) for c in columns}
+
+
+class MemoryPeak:
+    """Peak resident and private (anonymous: heap, tensors) memory of this process, sampled when called.
+    Resident memory also counts the shared object-store pages Ray Data's blocks are read from."""
+
+    def __init__(self):
+        self.rss_mb = self.private_mb = 0.0
+
+    def sample(self, resident_key: str = "VmHWM") -> None:
+        """``resident_key``: VmHWM, the peak since the process started, or VmRSS, the resident memory now."""
+        try:
+            with open("/proc/self/status") as f:
+                fields = dict(line.split(":", 1) for line in f)
+        except OSError:  # not Linux: no figures
+            return
+        kb = lambda key: float(fields[key].split()[0]) if key in fields else 0.0
+        self.rss_mb = max(self.rss_mb, kb(resident_key) / 1024)
+        self.private_mb = max(self.private_mb, kb("RssAnon") / 1024)
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
     key = hashlib.sha256(f"{seed}/{rank}/{step}/{micro}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
-
-
-def batch_at(rows: dict[str, torch.Tensor], size: int, generator: torch.Generator,
-             device: torch.device) -> dict[str, torch.Tensor]:
-    n = next(iter(rows.values())).shape[0]
-    index = torch.randperm(n, generator=torch.Generator().manual_seed(generator.initial_seed()))[:size]
-    return {k: v[index].to(device) for k, v in rows.items()}
 
 
 def make_accelerator(cfg: Config, world: int) -> Accelerator:
@@ -136,11 +233,11 @@ def train_loop(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     accelerator = make_accelerator(cfg, world)
     device = accelerator.device
+    memory = MemoryPeak()
     torch.manual_seed(tc.seed)
     method: Method = build_method(cfg.method, info["channels"], cfg.model).to(device)
-    columns = info["columns"]
-    rows = load_rows(ray.train.get_dataset_shard("train"), columns, rank, world)
-    val_rows = load_rows(ray.train.get_dataset_shard("val"), columns, 0, 1, tc.val_batches * tc.batch_size)
+    stream = BatchStream(ray.train.get_dataset_shard("train"), tc, device)
+    val_rows = read_rows(ray.train.get_dataset_shard("val"), info["columns"]) if rank == 0 else {}
     params = list(method.trainable_parameters())
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
@@ -156,6 +253,10 @@ def train_loop(loop_config: dict) -> None:
             if ema:
                 ema.load_state_dict(state["ema"])
             start = state["step"]
+            if "data" not in state:
+                raise RuntimeError(f"checkpoint {resumed.path} has no data position (it predates streamed "
+                                   "training input): start a new run (train.name)")
+            stream.epoch, stream.batch = state["data"]["epoch"], state["data"]["batch"]
     # The prepared optimizer steps and zeroes only when accelerate syncs gradients (every
     # grad_accum-th accumulate()); `method` stays the unwrapped module for EMA, validation, saving.
     model, prepared_optimizer = accelerator.prepare(method, optimizer)
@@ -163,10 +264,11 @@ def train_loop(loop_config: dict) -> None:
     for step in range(start, tc.steps):
         logs: dict[str, float] = {}
         for micro in range(tc.grad_accum):
+            batch = next(stream)
             generator = step_generator(tc.seed, rank, step, micro, device)
-            batch = batch_at(rows, tc.batch_size, generator, device)
             with accelerator.accumulate(model):
                 loss, logs = model(batch, generator)
+                memory.sample()  # activations are alive here
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip:
                     accelerator.clip_grad_norm_(params, tc.grad_clip)
@@ -178,30 +280,36 @@ def train_loop(loop_config: dict) -> None:
         scheduler.step()
         if ema:
             ema.update(method)
+        memory.sample()
         done = step + 1
         if done % tc.checkpoint_every and done % tc.val_every and done != tc.steps:
             continue
-        metrics = {"step": done, "lr": scheduler.get_last_lr()[0], "images_per_s": seen / (time.time() - tick),
-                   **{k: float(v) for k, v in logs.items()}}
+        peaks = accelerator.gather(torch.tensor([[memory.rss_mb, memory.private_mb]], device=device)).cpu()
+        metrics = {"step": done, "epoch": stream.epoch, "lr": scheduler.get_last_lr()[0],
+                   "images_per_s": seen / (time.time() - tick), **{k: float(v) for k, v in logs.items()},
+                   "worker_rss_peak_mb": peaks[:, 0].tolist(), "worker_private_peak_mb": peaks[:, 1].tolist()}
         if rank == 0 and (done % tc.val_every == 0 or done == tc.steps):
             with (ema.swapped_into(method) if ema else nullcontext()):
                 metrics.update(validate(method, val_rows, tc.batch_size, device))
-        report(cfg, method, info, metrics, rank, ema, optimizer, scheduler,
-               save=done % tc.checkpoint_every == 0 or done == tc.steps, val_rows=val_rows, device=device)
+        state = {"optimizer": optimizer, "scheduler": scheduler, "ema": ema, "data": stream.position()}
+        report(cfg, method, info, metrics, rank, state, save=done % tc.checkpoint_every == 0 or done == tc.steps,
+               val_rows=val_rows, device=device)
         tick, seen = time.time(), 0
 
 
-def report(cfg: Config, method: Method, info: dict, metrics: dict, rank: int, ema, optimizer, scheduler, *,
+def report(cfg: Config, method: Method, info: dict, metrics: dict, rank: int, state: dict, *,
            save: bool, val_rows: dict, device: torch.device) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (and sample images) when one is due."""
+    """Every rank reports; rank 0 attaches the checkpoint (and sample images) when one is due. ``state``
+    holds the optimizer, scheduler, EMA (or None) and the data position, all equal on every rank."""
     if not save or rank != 0:
         ray.train.report(metrics)
         return
+    ema = state["ema"]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": metrics["step"],
-                 "ema": ema.state_dict() if ema else {}}
-        checkpoint.save(directory, cfg, method, info["channels"], metrics, state,
+        training_state = {"optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
+                          "step": metrics["step"], "ema": ema.state_dict() if ema else {}, "data": state["data"]}
+        checkpoint.save(directory, cfg, method, info["channels"], metrics, training_state,
                         ema=ema.modules(method) if ema else None)
         if cfg.train.val_images:
             sample_grid(method, val_rows, cfg.train.val_images, device, directory / "samples.png")
@@ -220,8 +328,23 @@ def run_config(cfg: Config) -> RunConfig:
                      failure_config=FailureConfig(max_failures=tc.max_failures))
 
 
+def train_datasets(cfg: Config, columns: list[str]) -> dict[str, ray.data.Dataset]:
+    """The training split (files in an order seeded by ``train.seed``) and the first
+    ``val_batches * batch_size`` rows of the validation split (no more is read)."""
+    tc = cfg.train
+    return {"train": split_dataset(cfg, tc.train_split, columns, file_seed=tc.seed),
+            "val": split_dataset(cfg, tc.val_split, columns, limit=tc.val_batches * tc.batch_size)}
+
+
+def data_config() -> DataConfig:
+    """Only the training split is divided among the workers (rank 0 validates). Preserving the order of the
+    seeded file shuffle makes every worker's sequence of rows the same on every run (exact resume)."""
+    return DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True))
+
+
 def build_trainer(cfg: Config) -> TorchTrainer:
     info = preflight(cfg)
+    check_data_cpus(cfg)
     tc = cfg.train
     return TorchTrainer(
         train_loop,
@@ -229,10 +352,8 @@ def build_trainer(cfg: Config) -> TorchTrainer:
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=run_config(cfg),
-        datasets={"train": read_split(cfg, tc.train_split, info["columns"]),
-                  "val": read_split(cfg, tc.val_split, info["columns"])},
-        # Every worker sees the whole split and keeps its own deterministic rows (see load_rows).
-        dataset_config=DataConfig(datasets_to_split=[]),
+        datasets=train_datasets(cfg, info["columns"]),
+        dataset_config=data_config(),
     )
 
 

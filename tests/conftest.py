@@ -45,7 +45,8 @@ def ray_local():
     from lowlight.config import RayConfig
     from lowlight.raycluster import ensure_ray
 
-    ensure_ray(RayConfig(num_cpus=2))
+    # 3 logical CPUs on 2 cores: 2 Ray Train workers hold 1 CPU each and Ray Data needs one to stream batches.
+    ensure_ray(RayConfig(num_cpus=3))
     yield ray
     ray.shutdown()
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

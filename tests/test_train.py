@@ -20,7 +20,7 @@ from lowlight.methods import build_method
 from lowlight.methods.base import Method, MethodOptions, register
 from lowlight.train import build_trainer, preflight, train
 
-BASE = ["method.backbone=nafnet-1", "train.num_workers=2", "train.batch_size=4", "train.val_batches=1",
+BASE = ["method.backbone=nafnet-l4-w8", "train.num_workers=2", "train.batch_size=4", "train.val_batches=1",
         "train.val_images=2", "train.lr=1e-3"]
 
 

@@ -1,10 +1,18 @@
-"""The Ray Data pipeline: records -> decode + ISP -> crops -> VAE latents -> Parquet.
+"""The Ray Data pipeline: record groups -> decode + ISP -> crops -> VAE latents -> Parquet, one streaming job.
 
-Records are cut into shards of ``records_per_shard``. Each shard runs as one streaming Ray
-Data job into a staging folder and is then committed: its Parquet files are renamed into the
-output, its rejected pairs are merged into ``rejected.jsonl``, and a marker is written last.
-A re-run with the same config skips committed shards, so an interrupted run resumes and a
-finished one is a no-op; crops are seeded per record, so the rows are the same every time.
+Every pending shard of a run flows through one job, so actors start once:
+
+    from_items: one row per record group (the pairs sharing a target), with its shard
+      -> decode: one task per group (decode_cpus, decode_memory) -> VaeEncode actors, one GPU each
+         or, on a CPU-only cluster, decode and encode fused in one actor pool (one actor per
+         decode_cpus CPUs), which keeps the crops in the process that decoded them
+      -> write: Parquet files of at most file_bytes, row groups of at most row_group_bytes, into staging
+      -> the driver reads the write reports and commits each shard once it is whole (lowlight.data.shards)
+
+A re-run with the same config skips committed shards, so an interrupted run resumes and a finished
+one is a no-op; crops are seeded per record, so the rows are the same every time. Batches travel
+as columns (numpy arrays stacked on axis 0), never as row dicts. Tasks and actors set torch and
+OpenCV to as many threads as the CPUs they hold (Ray sets OMP_NUM_THREADS, which LibRaw follows).
 """
 
 from __future__ import annotations
@@ -13,23 +21,26 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import ray
-from ray.data import ActorPoolStrategy
+import torch
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from lowlight import storage
-from lowlight.config import RAW_ONLY_COLUMNS, TENSOR_COLUMNS, Config, ConfigError, dump_config
-from lowlight.data.decode import ISP_COLUMNS, RejectedInput, decode_record
-from lowlight.data.layouts import load_records
-from lowlight.data.parquet import META_COLUMNS, SCHEMA_VERSION, to_table
+from lowlight.config import RAW_ONLY_COLUMNS, TENSOR_COLUMNS, Config, ConfigError, ModelConfig, dump_config
+from lowlight.data import shards as sh
+from lowlight.data.decode import decode_groups, group_by_target, task_cpus
+from lowlight.data.layouts import dataset_records
+from lowlight.data.parquet import SCHEMA_VERSION, VaeStamp, output_row_bytes
 from lowlight.models import sd
-from lowlight.raycluster import cluster_has_gpus, ensure_ray
+from lowlight.raycluster import ensure_ray
 
-MANIFEST = "_manifest.json"
-REJECTED = "rejected.jsonl"
+WRITE_TASKS = 2  # concurrent write tasks; they hold no CPU, so they run beside actors that hold them all
 
 
 @dataclass
@@ -60,146 +71,147 @@ def resolve_columns(cfg: Config, kind: str) -> list[str]:
     return requested
 
 
-def decode_or_reject(rec: dict, cfg: Config, columns: list[str], rejected_dir: str) -> list[dict]:
-    """flat_map stage: one record -> its crop rows; a bad pair is written to the shard's rejected/ folder."""
-    pre, ep = cfg.preprocess, cfg.storage.endpoint_url
-    try:
-        return decode_record(rec, columns, crop_size=pre.crop_size, per_image=pre.crops_per_image,
-                             eval_crop=pre.eval_crop, seed=pre.seed, endpoint_url=ep)
-    except RejectedInput as e:
-        entry = {"id": rec["id"], "input": rec["input"], "target": rec["target"], "reason": str(e)}
-        name = hashlib.sha256(rec["id"].encode()).hexdigest()[:16] + ".json"
-        storage.atomic_write_text(storage.join(rejected_dir, name), json.dumps(entry), ep)
-        return []
+def decode_options(cfg: Config, columns: list[str]) -> dict:
+    """Keyword arguments of ``decode_group`` for this config."""
+    pre = cfg.preprocess
+    return {"columns": columns, "crop_size": pre.crop_size, "per_image": pre.crops_per_image,
+            "eval_crop": pre.eval_crop, "seed": pre.seed, "endpoint_url": cfg.storage.endpoint_url}
+
+
+def match_threads_to_cpus() -> None:
+    """torch and OpenCV threads = the whole CPUs Ray gave this actor."""
+    threads = task_cpus()
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+
+
+class LatentEncoder:
+    """Adds scaled VAE latents (``z_in`` from ``srgb_in``, ``z_gt`` from ``srgb_gt``) to columnar rows,
+    encoding ``batch_size`` crops at a time, and drops the sRGB columns that were only decoded for them."""
+
+    def __init__(self, model: ModelConfig, endpoint_url: str | None, columns: list[str], stamp: VaeStamp,
+                 batch_size: int):
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae = sd.load_vae(model.pretrained, model.vae, endpoint_url)
+        if sd.fingerprint(self.vae) != stamp.vae_id:
+            raise RuntimeError("the VAE loaded on this worker differs from the driver's: check model.pretrained/vae")
+        self.vae.to(self.device)
+        self.latents = [c for c in columns if c.startswith("z_")]
+        self.unrequested = [f"srgb_{z[2:]}" for z in self.latents if f"srgb_{z[2:]}" not in columns]
+        self.scale, self.batch_size = stamp.scaling_factor, batch_size
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda = self.device == "cuda"
+        with torch.no_grad(), torch.autocast(self.device, torch.bfloat16, enabled=cuda):
+            for z in self.latents:
+                images = rows["srgb_" + z[2:]]
+                parts = []
+                for i in range(0, len(images), self.batch_size):
+                    x = torch.from_numpy(images[i:i + self.batch_size].astype(np.float32)).to(self.device) * 2 - 1
+                    latent = self.vae.encode(x).latent_dist.mode() * self.scale
+                    parts.append(latent.float().cpu().numpy().astype(np.float16))
+                rows[z] = np.concatenate(parts)
+        return {k: v for k, v in rows.items() if k not in self.unrequested}
 
 
 class VaeEncode:
-    """Actor-pool stage: encode sRGB crops to scaled VAE latents (GPU when the actor has one)."""
+    """Actor stage after the decode tasks: VAE-encode the decoded crops (GPU when the actor has one)."""
 
-    def __init__(self, cfg: Config, latents: list[str], keep: list[str], vae_id: str):
-        import torch
+    def __init__(self, model: ModelConfig, endpoint_url: str | None, columns: list[str], stamp: VaeStamp,
+                 batch_size: int):
+        match_threads_to_cpus()
+        self.encode = LatentEncoder(model, endpoint_url, columns, stamp, batch_size)
 
-        self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.vae = sd.load_vae(cfg.model.pretrained, cfg.model.vae, cfg.storage.endpoint_url)
-        if sd.fingerprint(self.vae) != vae_id:
-            raise RuntimeError("the VAE loaded on this worker differs from the driver's: check model.pretrained/vae")
-        self.vae.to(self.device)
-        self.latents, self.keep, self.vae_id = latents, keep, vae_id
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.encode(batch)
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        torch = self.torch
-        with torch.no_grad(), torch.autocast(self.device, torch.bfloat16, enabled=self.device == "cuda"):
-            for z in self.latents:
-                x = torch.from_numpy(batch["srgb_" + z[2:]].astype(np.float32)).to(self.device) * 2 - 1
-                dist = self.vae.encode(x).latent_dist
-                batch[z] = (dist.mode() * self.vae.config.scaling_factor).float().cpu().numpy()
-        return to_table({k: v for k, v in batch.items() if k in self.keep}, self.vae_id)
+
+class DecodeEncode:
+    """Fused actor stage for CPU-only clusters: decode a record group and encode its crops in one process."""
+
+    def __init__(self, model: ModelConfig, options: dict, staging: str, stamp: VaeStamp, batch_size: int):
+        match_threads_to_cpus()
+        self.encode = LatentEncoder(model, options["endpoint_url"], options["columns"], stamp, batch_size)
+        self.options, self.staging = options, staging
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for rows in decode_groups(batch, self.options, self.staging):
+            yield self.encode(rows)
 
 
 def _config_key(cfg: Config, records: list[dict], vae_id: str) -> str:
-    material = {"dataset": cfg.dataset.model_dump(), "preprocess": cfg.preprocess.model_dump(
-        exclude={"output", "vae_batch_size", "vae_actors", "decode_cpus"}), "vae_id": vae_id,
-        "records": [(r["id"], r["input"], r["target"]) for r in records], "schema_version": SCHEMA_VERSION}
+    execution_only = {"output", "vae_batch_size", "vae_actors", "fuse_decode_encode", "decode_cpus",
+                      "decode_memory", "file_bytes", "row_group_bytes"}
+    material = {"dataset": cfg.dataset.model_dump(), "preprocess": cfg.preprocess.model_dump(exclude=execution_only),
+                "vae_id": vae_id, "records": [(r["id"], r["input"], r["target"]) for r in records],
+                "schema_version": SCHEMA_VERSION}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_manifest(cfg: Config, key: str, n_shards: int) -> None:
-    out, ep = cfg.preprocess.output, cfg.storage.endpoint_url
-    path = storage.join(out, MANIFEST)
-    if storage.exists(path, ep):
-        found = json.loads(storage.read_text(path, ep))
-        if found["key"] != key:
-            raise ConfigError(f"'{out}' already holds Parquet made from a different config, dataset or VAE "
-                              f"(key {found['key']} != {key}); choose another preprocess.output or delete it")
-        return
-    storage.makedirs(out, ep)
-    storage.atomic_write_text(path, json.dumps({"key": key, "shards": n_shards,
-                                                "schema_version": SCHEMA_VERSION}), ep)
-    storage.atomic_write_text(storage.join(out, "config.yaml"), dump_config(cfg), ep)
-
-
-def _merge_rejected(out: str, entries: list[dict], ep: str | None) -> None:
-    if not entries:
-        return
-    path = storage.join(out, REJECTED)
-    lines = storage.read_text(path, ep).splitlines() if storage.exists(path, ep) else []
-    known = {json.loads(line)["id"] for line in lines}
-    lines += [json.dumps(e) for e in sorted(entries, key=lambda e: e["id"]) if e["id"] not in known]
-    storage.atomic_write_text(path, "\n".join(lines) + "\n", ep)
-
-
-def _run_shard(cfg: Config, shard: int, records: list[dict], columns: list[str], vae_id: str) -> dict:
-    out, ep, pre = cfg.preprocess.output, cfg.storage.endpoint_url, cfg.preprocess
-    staging = storage.join(out, "_staging", f"shard-{shard:05d}-{uuid.uuid4().hex[:8]}")
-    rejected_dir = storage.join(staging, "rejected")
-    ds = ray.data.from_items(records, override_num_blocks=len(records)).flat_map(
-        decode_or_reject, fn_kwargs={"cfg": cfg, "columns": columns, "rejected_dir": rejected_dir},
-        num_cpus=pre.decode_cpus)
-    latents = [c for c in columns if c.startswith("z_")]
-    keep = list(META_COLUMNS) + columns + list(ISP_COLUMNS)
-    if latents:
-        ds = ds.map_batches(VaeEncode, fn_constructor_kwargs={"cfg": cfg, "latents": latents, "keep": keep, "vae_id": vae_id},
-                            batch_size=pre.vae_batch_size, compute=ActorPoolStrategy(size=pre.vae_actors),
-                            num_gpus=1 if cluster_has_gpus() else 0)
+def _pipeline(cfg: Config, items: list[dict], columns: list[str], kind: str, stamp: VaeStamp,
+              staging: str) -> ray.data.Dataset:
+    pre, ep = cfg.preprocess, cfg.storage.endpoint_url
+    options = decode_options(cfg, columns)
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1.0)
+    fused = pre.fuse_decode_encode if pre.fuse_decode_encode is not None else gpus == 0
+    has_latents = any(c.startswith("z_") for c in columns)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if has_latents and fused:
+        actors = min(len(items), pre.vae_actors or max(1, int(cpus // pre.decode_cpus)))
+        ds = ds.map_batches(DecodeEncode, fn_constructor_kwargs={
+            "model": cfg.model, "options": options, "staging": staging, "stamp": stamp,
+            "batch_size": pre.vae_batch_size}, batch_size=1, num_cpus=pre.decode_cpus, memory=pre.decode_memory,
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1))
     else:
-        ds = ds.map_batches(lambda b: to_table({k: v for k, v in b.items() if k in keep}, vae_id),
-                            batch_size=pre.vae_batch_size)
-    fs, path = storage.arrow_filesystem(storage.join(staging, "parquet"), ep)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=4096)
-    return _commit_shard(out, shard, staging, ep)
-
-
-def _commit_shard(out: str, shard: int, staging: str, ep: str | None) -> dict:
-    """Parquet files first, then rejected entries, then the marker: a crash in between redoes the shard."""
-    parts = storage.listdir(storage.join(staging, "parquet"), "*.parquet", ep)
-    fs = storage.filesystem(out, ep)
-    rows = size = 0
-    for i, part in enumerate(parts):
-        rows += pq.ParquetFile(fs.open(part, "rb")).metadata.num_rows
-        size += fs.size(part)
-        storage.move(part, storage.join(out, f"part-{shard:05d}-{i:03d}.parquet"), ep)
-    rejected = [json.loads(storage.read_text(p, ep)) for p in storage.listdir(storage.join(staging, "rejected"),
-                                                                               "*.json", ep)]
-    _merge_rejected(out, rejected, ep)
-    marker = {"shard": shard, "rows": rows, "bytes": size, "rejected": len(rejected), "files": len(parts)}
-    storage.atomic_write_text(storage.join(out, "_shards", f"shard-{shard:05d}.json"), json.dumps(marker), ep)
-    storage.remove(staging, ep)
-    return marker
-
-
-def _clear_partial(out: str, shard: int, ep: str | None) -> None:
-    for stale in storage.listdir(out, f"part-{shard:05d}-*.parquet", ep):
-        storage.remove(stale, ep)
+        ds = ds.map_batches(decode_groups, fn_kwargs={"options": options, "staging": staging}, batch_size=1,
+                            num_cpus=pre.decode_cpus, memory=pre.decode_memory)
+        if has_latents:
+            ds = ds.map_batches(VaeEncode, fn_constructor_kwargs={
+                "model": cfg.model, "endpoint_url": ep, "columns": columns, "stamp": stamp,
+                "batch_size": pre.vae_batch_size}, batch_size=pre.vae_batch_size,
+                compute=ActorPoolStrategy(size=pre.vae_actors or max(1, gpus)), num_gpus=1 if gpus else 0)
+    rows_per_file = max(1, pre.file_bytes // output_row_bytes(columns, pre.crop_size, kind))
+    return ds.map_batches(sh.write_parts, fn_kwargs={"staging": staging, "stamp": stamp,
+                                                  "row_group_bytes": pre.row_group_bytes, "endpoint_url": ep},
+                          batch_size=rows_per_file, num_cpus=0, compute=TaskPoolStrategy(size=WRITE_TASKS))
 
 
 def preprocess(cfg: Config) -> Summary:
     started = time.time()
     ensure_ray(cfg.ray)
     out, ep = cfg.preprocess.output, cfg.storage.endpoint_url
-    records = [r.to_dict() for r in load_records(cfg.dataset.layout, cfg.dataset.root, splits=cfg.dataset.splits,
-                                                  camera=cfg.dataset.camera, for_eval=True,
-                                                  fs=storage.filesystem(cfg.dataset.root, ep))]
+    records = [r.to_dict() for r in dataset_records(cfg.dataset, fs=storage.filesystem(cfg.dataset.root, ep))]
     if not records:
         raise ValueError(f"no records for layout '{cfg.dataset.layout}' under '{cfg.dataset.root}' "
                          f"(splits {cfg.dataset.splits})")
-    columns = resolve_columns(cfg, records[0]["kind"])
-    vae_id = sd.fingerprint(sd.load_vae(cfg.model.pretrained, cfg.model.vae, ep))
-    n = cfg.preprocess.records_per_shard
-    shards = [records[i:i + n] for i in range(0, len(records), n)]
-    _check_manifest(cfg, _config_key(cfg, records, vae_id), len(shards))
-    totals = {"rows": 0, "bytes": 0, "rejected": 0}
-    done = skipped = 0
-    for shard, shard_records in enumerate(shards):
-        marker_path = storage.join(out, "_shards", f"shard-{shard:05d}.json")
-        if storage.exists(marker_path, ep):
-            marker = json.loads(storage.read_text(marker_path, ep))
-            skipped += 1
-        else:
-            _clear_partial(out, shard, ep)
-            marker = _run_shard(cfg, shard, shard_records, columns, vae_id)
-            done += 1
-        for k in totals:
-            totals[k] += marker[k]
-    storage.remove(storage.join(out, "_staging"), ep)
-    return Summary(output=out, seconds=time.time() - started, shards_done=done, shards_skipped=skipped, **totals)
+    kind = records[0]["kind"]
+    columns = resolve_columns(cfg, kind)
+    vae = sd.load_vae(cfg.model.pretrained, cfg.model.vae, ep)
+    stamp = VaeStamp(sd.fingerprint(vae), float(vae.config.scaling_factor))
+    del vae
+    groups = group_by_target(records)
+    plan = sh.plan_shards([len(g) for g in groups], cfg.preprocess.records_per_shard)
+    sh.check_manifest(out, _config_key(cfg, records, stamp.vae_id), len(plan), SCHEMA_VERSION, dump_config(cfg), ep)
+    storage.remove(storage.join(out, sh.STAGING), ep)  # left by an interrupted run: its shards are redone
+    markers = {s.index: sh.read_marker(out, s.index, ep) for s in plan}
+    pending = [s for s in plan if markers[s.index] is None]
+    for shard in pending:
+        sh.clear_partial(out, shard.index, ep)
+    if pending:
+        staging = storage.join(out, sh.STAGING, uuid.uuid4().hex[:12])
+        items = [{"shard": s.index, "group": g, "records": json.dumps(groups[g])} for s in pending for g in s.groups]
+        tracker = sh.ShardTracker(pending)
+        dataset = _pipeline(cfg, items, columns, kind, stamp, staging)
+        # Closing the iterator stops the job (and frees its actors) even when a commit raises.
+        with closing(iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))) as reports:
+            for report in reports:
+                for shard in tracker.add(report):
+                    markers[shard] = sh.commit_shard(out, shard, tracker.files[shard], tracker.rows(shard),
+                                                     staging, ep)
+        for shard in tracker.remaining():
+            markers[shard] = sh.commit_shard(out, shard, tracker.files[shard], tracker.rows(shard), staging, ep)
+        storage.remove(storage.join(out, sh.STAGING), ep)
+    totals = {k: sum(m[k] for m in markers.values()) for k in ("rows", "bytes", "rejected")}
+    return Summary(output=out, seconds=time.time() - started, shards_done=len(pending),
+                   shards_skipped=len(plan) - len(pending), **totals)
