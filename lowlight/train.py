@@ -2,15 +2,17 @@
 
 Input streams from Ray Data. The driver only plans lazy datasets; Ray Train splits the training split
 across the workers (``streaming_split(equal=True)``: disjoint parts with equal row counts, the remainder of
-fewer than ``num_workers`` rows dropped), and each worker iterates its part in batches. A worker holds
-the blocks in flight, its local shuffle buffer (``train.shuffle_buffer`` rows) and the current batch, so
-its memory depends on those and the block size, not on the size of the split; nothing holds the split.
+fewer than ``num_workers`` rows dropped), and each worker iterates its part in full batches (a last partial
+batch of an epoch is dropped). A worker holds the blocks in flight, its local shuffle buffer
+(``train.shuffle_buffer`` rows) and the current batch, so its memory depends on those and the block size,
+not on the size of the split; nothing holds the split.
 
-Order is deterministic by construction. Files are read in an order shuffled by ``train.seed`` and Ray Data
-preserves that order (``ExecutionOptions(preserve_order=True)``), so the split gives every worker the same
-rows in the same sequence on every run; epoch ``e`` shuffles them through the worker's local buffer seeded
-by ``train.seed + e``. A worker's part of the split is therefore the same every epoch, in a new order.
-The method's randomness comes from a generator per (seed, rank, step, micro-step).
+Order is deterministic by construction. Files are read in an order shuffled by ``train.seed`` (rows within a
+file in their order) and Ray Data preserves that order (``ExecutionOptions(preserve_order=True)``), so the
+split gives every worker the same rows in the same sequence on every run; in epoch ``e`` they pass through the
+worker's local shuffle buffer seeded by ``train.seed + e``. A worker's part of the split is therefore the
+same every epoch, in a new order. The method's randomness comes from a generator per (seed, rank, step,
+micro-step).
 
 Resume guarantee: exact. A checkpoint records the weights, optimizer, LR schedule, EMA, step and the data
 position (epoch, batches taken in that epoch). A resumed worker re-reads that epoch of its part and drops
@@ -18,7 +20,7 @@ the batches already taken (reading them again), so it trains on the same batches
 same noise as an uninterrupted run; on CPU with two workers (gloo sums of two commute) the weights are
 bit-identical. This holds when the Parquet files, ``num_workers``, ``batch_size``, ``grad_accum``,
 ``shuffle_buffer`` and ``seed`` are those of the interrupted run; with others the run resumes at the
-recorded epoch and batch count but sees other batches.
+recorded epoch and batch count but sees other batches (or stops with an error if that epoch is now shorter).
 
 Hugging Face ``accelerate`` runs inside each Ray Train worker (Ray has already set up the torch
 process group): it wraps the model in DDP, autocasts to bf16, and does gradient accumulation,
