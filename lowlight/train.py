@@ -112,10 +112,11 @@ def check_data_cpus(cfg: Config) -> None:
     held = tc.num_workers * tc.cpus_per_worker
     if total - held < tc.data_cpus:
         raise ConfigError(
-            f"config keys 'train.num_workers' x 'train.cpus_per_worker' give Ray Train {held:g} of the cluster's "
-            f"{total:g} CPUs, leaving {total - held:g}; Ray Data needs train.data_cpus={tc.data_cpus:g} to stream "
-            f"the batches (with none it waits forever). Lower train.cpus_per_worker or train.num_workers, or start "
-            f"the local cluster with ray.num_cpus={math.ceil(held + tc.data_cpus)} (logical CPUs may exceed cores)")
+            f"config keys 'train.num_workers' x 'train.cpus_per_worker' give Ray Train {held:g} of the "
+            f"cluster's {total:g} CPUs, leaving {total - held:g}; Ray Data needs train.data_cpus="
+            f"{tc.data_cpus:g} to stream the batches (with none it waits forever). Lower "
+            "train.cpus_per_worker or train.num_workers, or start the local cluster with "
+            f"ray.num_cpus={math.ceil(held + tc.data_cpus)} (logical CPUs may exceed cores)")
 
 
 def split_dataset(cfg: Config, split: str, columns: list[str], *, file_seed: int | None = None,
@@ -156,9 +157,9 @@ class BatchStream:
             local_shuffle_seed=self.tc.seed + self.epoch if shuffle else None))
         for taken in range(self.batch):
             if next(batches, None) is None:
-                raise ValueError(f"epoch {self.epoch} of this worker's data has {taken} batches, but the checkpoint "
-                                 f"resumes after {self.batch}: the Parquet, train.num_workers or train.batch_size "
-                                 "changed since it was written")
+                raise ValueError(f"epoch {self.epoch} of this worker's data has {taken} batches, but the "
+                                 f"checkpoint resumes after {self.batch}: the Parquet, train.num_workers or "
+                                 "train.batch_size changed since it was written")
         return batches
 
     def __iter__(self):
@@ -171,7 +172,8 @@ class BatchStream:
         if batch is None:
             if self.batch == 0:
                 raise ValueError(f"this worker's part of split '{self.tc.train_split}' holds fewer than "
-                                 f"train.batch_size={self.tc.batch_size} rows; use a smaller batch or fewer workers")
+                                 f"train.batch_size={self.tc.batch_size} rows; use a smaller batch or fewer "
+                                 "workers")
             self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
             return next(self)
         self.batch += 1
@@ -294,8 +296,8 @@ def train_loop(loop_config: dict) -> None:
             with (ema.swapped_into(method) if ema else nullcontext()):
                 metrics.update(validate(method, val_rows, tc.batch_size, device))
         state = {"optimizer": optimizer, "scheduler": scheduler, "ema": ema, "data": stream.position()}
-        report(cfg, method, info, metrics, rank, state, save=done % tc.checkpoint_every == 0 or done == tc.steps,
-               val_rows=val_rows, device=device)
+        save = done % tc.checkpoint_every == 0 or done == tc.steps
+        report(cfg, method, info, metrics, rank, state, save=save, val_rows=val_rows, device=device)
         tick, seen = time.time(), 0
 
 
@@ -309,8 +311,9 @@ def report(cfg: Config, method: Method, info: dict, metrics: dict, rank: int, st
     ema = state["ema"]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        training_state = {"optimizer": state["optimizer"].state_dict(), "scheduler": state["scheduler"].state_dict(),
-                          "step": metrics["step"], "ema": ema.state_dict() if ema else {}, "data": state["data"]}
+        training_state = {"optimizer": state["optimizer"].state_dict(),
+                          "scheduler": state["scheduler"].state_dict(), "step": metrics["step"],
+                          "ema": ema.state_dict() if ema else {}, "data": state["data"]}
         checkpoint.save(directory, cfg, method, info["channels"], metrics, training_state,
                         ema=ema.modules(method) if ema else None)
         if cfg.train.val_images:

@@ -25,10 +25,20 @@ WORKERS = 2
 
 
 def cfg_for(data: Path, runs: Path, name: str, *extra: str):
-    return load_config("sample_raw", [
-        f"train.data={data}", f"train.storage_path={runs}", f"train.name={name}", "method.name=regression",
-        "method.backbone=nafnet-1", f"train.num_workers={WORKERS}", "train.val_batches=1", "train.val_images=0",
-        *extra])
+    return load_config(
+        "sample_raw",
+        [
+            f"train.data={data}",
+            f"train.storage_path={runs}",
+            f"train.name={name}",
+            "method.name=regression",
+            "method.backbone=nafnet-1",
+            f"train.num_workers={WORKERS}",
+            "train.val_batches=1",
+            "train.val_images=0",
+            *extra,
+        ],
+    )
 
 
 # 128 px crops: 4 x 64 x 64 float16 raw_in + raw_gt = 64 KiB a row; the 4x split is 8000 rows, 500 MiB.
@@ -44,10 +54,20 @@ def test_worker_peak_memory_does_not_grow_with_the_split(ray_local, tmp_path):
     workers of 0.9-1.0 GB), and stays within the issue's 1.2x."""
     peaks = {}
     for scale in (1, 4):
-        data = write_synthetic_parquet(tmp_path / f"x{scale}", SMALL_ROWS * scale, crop=128, rows_per_file=250,
-                                       val_rows=16)
-        result = train(cfg_for(data, tmp_path / "runs", f"x{scale}", "train.batch_size=16", "train.steps=20",
-                               "train.checkpoint_every=20", "train.val_every=20"))
+        data = write_synthetic_parquet(
+            tmp_path / f"x{scale}", SMALL_ROWS * scale, crop=128, rows_per_file=250, val_rows=16
+        )
+        result = train(
+            cfg_for(
+                data,
+                tmp_path / "runs",
+                f"x{scale}",
+                "train.batch_size=16",
+                "train.steps=20",
+                "train.checkpoint_every=20",
+                "train.val_every=20",
+            )
+        )
         peaks[scale] = max(result.metrics["worker_private_peak_mb"])
     kept_by_a_worker_mib = (4 - 1) * SMALL_ROWS * ROW_MIB / WORKERS
     assert peaks[4] - peaks[1] <= kept_by_a_worker_mib / 2, peaks
@@ -56,11 +76,13 @@ def test_worker_peak_memory_does_not_grow_with_the_split(ray_local, tmp_path):
 
 def row_keys(raw_in) -> list[str]:
     """Rows named by their random content (float16 bytes; exact through the loader's float32)."""
-    return [hashlib.sha1(torch.as_tensor(row).to(torch.float16).numpy().tobytes()).hexdigest() for row in raw_in]
+    return [
+        hashlib.sha1(torch.as_tensor(row).to(torch.float16).numpy().tobytes()).hexdigest() for row in raw_in
+    ]
 
 
 def _record_batches(config: dict) -> None:
-    """Probe loop: the rows of each batch this worker streams from ``start``, written to ``out/rank<r>.json``."""
+    """Probe loop: the rows of each batch this worker streams from ``start``, into ``out/rank<r>.json``."""
     tc = TrainConfig(**config["train"])
     stream = BatchStream(ray.train.get_dataset_shard("train"), tc, torch.device("cpu"), *config["start"])
     batches = []
@@ -74,10 +96,18 @@ def _record_batches(config: dict) -> None:
 def _stream(cfg, out: Path, start: tuple[int, int], batches: int) -> list[list[dict]]:
     out.mkdir()
     trainer = TorchTrainer(
-        _record_batches, train_loop_config={"train": cfg.train.model_dump(), "start": start, "batches": batches,
-                                            "out": str(out)},
-        scaling_config=ScalingConfig(num_workers=WORKERS), run_config=RunConfig(storage_path=str(out), name="probe"),
-        datasets=train_datasets(cfg, ["raw_in"]), dataset_config=data_config())
+        _record_batches,
+        train_loop_config={
+            "train": cfg.train.model_dump(),
+            "start": start,
+            "batches": batches,
+            "out": str(out),
+        },
+        scaling_config=ScalingConfig(num_workers=WORKERS),
+        run_config=RunConfig(storage_path=str(out), name="probe"),
+        datasets=train_datasets(cfg, ["raw_in"]),
+        dataset_config=data_config(),
+    )
     trainer.fit()
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORKERS)]
 
@@ -86,7 +116,9 @@ def test_workers_stream_disjoint_parts_in_a_repeatable_order(ray_local, tmp_path
     # 96 train rows in 6 files of 16: 48 per worker, 6 batches of 8 per epoch; 3 epochs.
     data = write_synthetic_parquet(tmp_path / "data", 96, crop=32, rows_per_file=16, val_rows=16)
     table = pa.concat_tables(pq.read_table(p) for p in sorted(data.glob("part-*.parquet")))
-    split_of = dict(zip(row_keys(tensor_column(table, "raw_in")), table.column("split").to_pylist(), strict=True))
+    split_of = dict(
+        zip(row_keys(tensor_column(table, "raw_in")), table.column("split").to_pylist(), strict=True)
+    )
     train_rows = {key for key, split in split_of.items() if split == "train"}
     assert len(train_rows) == 96
     cfg = cfg_for(data, tmp_path, "probe", "train.batch_size=8", "train.shuffle_buffer=16", "train.seed=3")
