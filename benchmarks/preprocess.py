@@ -29,7 +29,9 @@ may differ by one float16 step: its VAE batches mix record groups, which changes
 CPU convolutions).
 
     .venv/bin/python benchmarks/preprocess.py                 # full run (results/preprocess.json)
-    .venv/bin/python benchmarks/preprocess.py --smoke --keep-disturbed   # ~2 minutes, small images
+    .venv/bin/python benchmarks/preprocess.py --smoke --keep-disturbed   # small images: exercises every
+        # path in ~5 minutes on 2 quiet cores (each child pays ~13 s of torch + diffusers imports), but
+        # its N and 4N runs are too small to resolve the marginal rate
 """
 
 from __future__ import annotations
@@ -348,6 +350,10 @@ def main() -> None:
                 f"VAE {args.pretrained}; median of {args.repeats}"
                 f"{f'; {len(disturbed)} disturbed runs kept' if disturbed else ''}")
     print(f"\nray-2 / single: {ray2 / single:.2f} (goal >= 0.9)   ray-2 / ray-1: {ray2 / ray1:.2f} (goal >= 1.7)")
+    unresolved = [v for v, st in stats.items() if st["marginal_rows_per_s"] <= 0]
+    if unresolved:
+        print(f"warning: {unresolved}: the run of 4N took no longer than that of N; the runs are too small to "
+              "separate the marginal rate from the fixed cost's noise (a smoke run; use the full settings)")
     if mismatches:
         print(f"OUTPUTS DIFFER from the single process: {mismatches}")
     path = Path(args.result) if args.result else (work / "smoke.json" if args.smoke else None)
@@ -359,6 +365,7 @@ def main() -> None:
         "cpu_s_per_row": {v: s["cpu_s_per_row"] for v, s in stats.items()},
         "peak_pss_mib_4N": {v: s["peak_pss_mib_4N"] for v, s in stats.items()},
         "variants": stats,
+        "marginal_resolved": not unresolved,
         "identical_outputs": not mismatches,
         "mismatches": mismatches,
         "settings": {k: getattr(args, k) for k in ("width", "height", "shorts_per_long", "scenes", "crop_size",
