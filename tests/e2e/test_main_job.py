@@ -19,12 +19,14 @@ SCREEN = 40  # lines
 def run_main_job(cwd: Path) -> str:
     lowlight = Path(sys.executable).with_name("lowlight")
     args = [str(lowlight), "run"] + [a for s in SMALL for a in ("--set", s)]
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # One screen: tqdm bars off a terminal redraw with "\r" and end in one "\n" each, so count "\n" only.
-    console = done.stdout + done.stderr
+    # Bytes, not text=True: universal newlines would turn each tqdm redraw's "\r" into a line.
+    done = subprocess.run(args, cwd=cwd, capture_output=True, timeout=900, check=False)
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stderr[-3000:]
+    # One screen: tqdm bars redraw with "\r" and end in one "\n" each, so count "\n" only.
+    console = stdout + stderr
     assert console.count("\n") <= SCREEN and not any(t in console for t in RAY_LOGS), console
-    return done.stdout
+    return stdout
 
 
 def test_main_job_prints_parquet_location_and_resumes(tmp_path):
