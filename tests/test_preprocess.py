@@ -3,6 +3,7 @@ commits, crash and resume, byte-sized files, S3; and record groups decoded witho
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -241,13 +242,13 @@ GRBG_CAMERA = CameraProfile(name="lowlight test camera", pattern="GRBG", black_l
                             xyz_to_cam=CameraProfile.load().xyz_to_cam)
 
 
-def write_group(root: Path, inputs: int) -> list[dict]:
+def write_group(root: Path, inputs: int, target_camera: CameraProfile = GRBG_CAMERA) -> list[dict]:
     """``inputs`` short exposures and one long exposure of a smooth scene, as records sharing the target."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:96, 0:128]
     scene = 600 + 8000 * (0.5 + 0.5 * np.sin(xx / 9.0) * np.cos(yy / 7.0))
     long_path = root / "long.dng"
-    write_dng(long_path, scene.astype(np.uint16), GRBG_CAMERA, iso=100, exposure_time=10.0)
+    write_dng(long_path, scene.astype(np.uint16), target_camera, iso=100, exposure_time=10.0)
     records = []
     for k in range(inputs):
         ratio = 50.0 * (k + 1)
@@ -286,6 +287,18 @@ def test_a_shared_target_is_read_and_rendered_once_per_group(tmp_path, monkeypat
     np.testing.assert_array_equal(grouped.rows["black_level"], np.tile([510.0, 500.0, 520.0, 530.0], (6, 1)))
     assert set(grouped.rows["white_level"]) == {15000.0}
     assert grouped.rows["raw_gt"].dtype == np.float16 and grouped.rows["raw_gt"].shape == (6, 4, 16, 16)
+
+
+def test_white_balance_and_ccm_are_the_targets_and_levels_the_inputs(tmp_path):
+    """The long exposure was shot under another white balance and black level than its short ones."""
+    target_camera = dataclasses.replace(GRBG_CAMERA, wb=np.array([1.6, 1.0, 2.4], np.float32),
+                                        black_level=(600.0, 600.0, 600.0, 600.0))
+    records = write_group(tmp_path, 2, target_camera)
+    rows = decode_group(records, **OPTIONS).rows
+    np.testing.assert_allclose(rows["wb"], np.tile([1.6, 1.0, 2.4], (4, 1)), rtol=1e-3)
+    np.testing.assert_array_equal(rows["black_level"], np.tile([510.0, 500.0, 520.0, 530.0], (4, 1)))
+    alone = decode_group([{**records[0], "target": records[1]["input"]}], **OPTIONS).rows  # a GRBG_CAMERA target
+    np.testing.assert_allclose(alone["wb"], np.tile([2.0, 1.0, 1.5], (2, 1)), rtol=1e-3)
 
 
 def test_an_unreadable_target_rejects_its_whole_group(tmp_path):

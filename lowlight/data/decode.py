@@ -44,6 +44,7 @@ class GroupResult:
 class _Target:
     arrays: dict[str, np.ndarray]  # the requested target columns, uncropped
     shape: tuple[int, ...]  # Bayer (RAW) or image (sRGB) shape every input must match
+    isp: dict[str, np.ndarray] = field(default_factory=dict)  # the target's as-shot white balance and CCM
 
 
 def group_by_target(records: list[dict]) -> list[list[dict]]:
@@ -84,7 +85,10 @@ def _raw_target(url: str, need: set[str], endpoint_url: str | None) -> _Target:
         arrays["raw_gt"] = pack_bayer(frame).astype(np.float16)
     if "srgb_gt" in need:
         arrays["srgb_gt"] = render_srgb(data).transpose(2, 0, 1).astype(np.float16)
-    return _Target(arrays, frame.bayer.shape)
+    # A raw prediction is a prediction of this frame, so it is rendered with this frame's WB and CCM, as
+    # srgb_gt is; the input's own (its as-shot WB can differ) are what inference on the input alone uses.
+    isp = {"wb": frame.camera_wb.astype(np.float32), "ccm": frame.cam_to_srgb.astype(np.float32)}
+    return _Target(arrays, frame.bayer.shape, isp)
 
 
 def _raw_input(rec: dict, need: set[str], target: _Target, endpoint_url: str | None) -> dict[str, np.ndarray]:
@@ -102,9 +106,7 @@ def _raw_input(rec: dict, need: set[str], target: _Target, endpoint_url: str | N
             out["lrgb_in"] = linear_rgb(packed, frame.camera_wb, rec["ratio"])
     if "srgb_in" in need:
         out["srgb_in"] = render_srgb(data, ratio=rec["ratio"]).transpose(2, 0, 1)
-    # Per-image ISP parameters, so raw outputs can be rendered (and re-noised in ADU) later.
-    out["wb"] = frame.camera_wb.astype(np.float32)
-    out["ccm"] = frame.cam_to_srgb.astype(np.float32)
+    # The input's levels, so raw outputs can be re-noised in the input's ADU; WB and CCM come from the target.
     out["black_level"] = packed_black_level(frame)
     out["white_level"] = np.float64(frame.white_level)
     return out
@@ -198,7 +200,7 @@ def decode_group(records: list[dict], columns: list[str], *, crop_size: int, per
         try:
             decoded = (_raw_input if raw else _srgb_input)(rec, need, target, endpoint_url)
             images = {k: v for k, v in decoded.items() if k not in ISP_COLUMNS} | target.arrays
-            isp = {k: v for k, v in decoded.items() if k in ISP_COLUMNS}
+            isp = target.isp | {k: v for k, v in decoded.items() if k in ISP_COLUMNS}
             parts.append(_crops(rec, images, isp, crop_size=crop_size, per_image=per_image, eval_crop=eval_crop,
                                 seed=seed))
         except RejectedInput as e:

@@ -29,9 +29,10 @@ META_TYPES = {
     "ratio": pa.float64(), "height": pa.int64(), "width": pa.int64(), "crop_y": pa.int64(), "crop_x": pa.int64(),
 }
 META_COLUMNS = tuple(META_TYPES)
-# Per-image ISP parameters of the input frame (RAW datasets only), repeated on each of its crops:
-# white balance (3,), camera -> sRGB matrix (3, 3), black level (4,) in the packed R, G1, B, G2
-# order of raw_in/raw_gt, and the white level, all in ADU.
+# Per-image ISP parameters (RAW datasets only), repeated on each crop: the target frame's as-shot white
+# balance (3,) and camera -> sRGB matrix (3, 3), which render raw_gt (and a prediction of it) as srgb_gt
+# is rendered; the input frame's black level (4,) in the packed R, G1, B, G2 order of raw_in/raw_gt and
+# white level, in ADU.
 ISP_COLUMNS = ("wb", "ccm", "black_level", "white_level")
 FLOAT32_TENSORS = ("wb", "ccm", "black_level")  # small per-image parameters keep full precision
 SCALAR_TYPES = {**META_TYPES, "white_level": pa.float64()}
