@@ -33,6 +33,7 @@ from lowlight.data.raw import pack_mosaic, unpack_mosaic
 from lowlight.data.unprocess import CameraProfile, mosaic, unprocess, write_dng
 from lowlight.enhance import enhance_file
 from lowlight.methods import EnhanceOptions, build_method
+from lowlight.models.sd import SDBundle
 
 LARGE_RATIO = 100
 
@@ -63,8 +64,23 @@ def write_large_dng(path: Path, size: tuple[int, int]) -> None:
 
 
 def _enhance_large(ckpt: str, dng: str, out: str, steps: int, result) -> None:
+    """In the child: the enhancement, counting whole-image VAE encodes and the encoder runs they make
+    (one per VAE tile, plus the untiled GroupNorm-statistics pass)."""
+    encodes, encoder_runs = [], []
+    whole_image_encode = SDBundle.encode
+
+    def counted_encode(bundle, images):
+        encodes.append(tuple(images.shape))
+        hook = bundle.vae.encoder.register_forward_hook(lambda *_: encoder_runs.append(1))
+        try:
+            return whole_image_encode(bundle, images)
+        finally:
+            hook.remove()
+
+    SDBundle.encode = counted_encode
     report = enhance_file(ckpt, dng, out, EnhanceOptions(steps=steps), ratio=LARGE_RATIO)
-    result.put({"seconds": report.seconds, "height": report.height, "width": report.width})
+    result.put({"seconds": report.seconds, "height": report.height, "width": report.width,
+                "input_encodes": len(encodes), "encoder_runs": len(encoder_runs)})
 
 
 def large_run(args, method, workdir: Path) -> dict:
@@ -137,9 +153,10 @@ def main() -> None:
 def large_result(args, method) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         large = large_run(args, method, Path(tmp))
-    print_table(["image", "steps", "seconds", "peak RSS GiB"],
+    print_table(["image", "steps", "seconds", "peak RSS GiB", "input encodes", "encoder runs"],
                 [[f"{large['height']}x{large['width']} RAW", large["steps"], f"{large['seconds']:.0f}",
-                  large["peak_rss_gib"]]], title="full-size enhancement (lowlight.enhance)")
+                  large["peak_rss_gib"], large["input_encodes"], large["encoder_runs"]]],
+                title="full-size enhancement (lowlight.enhance)")
     return large
 
 

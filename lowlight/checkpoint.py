@@ -52,3 +52,23 @@ def load_method(directory: str | Path, ema: bool = False) -> tuple[Config, Metho
     load_weights(directory, method, ema=ema and has_ema)
     method.load_artifacts(directory)
     return cfg, method.eval()
+
+
+def initialise_from(directory: str, modules: dict[str, torch.nn.Module], endpoint_url: str | None = None
+                    ) -> list[str]:
+    """Load into ``modules`` (module path -> module) the weights an earlier stage's checkpoint holds for
+    them (``<path>.safetensors``), after those of the checkpoint it was itself initialised from (a stage
+    saves only what it trained, so a module frozen in it lives in an earlier one). Returns the names
+    loaded, in order."""
+    from lowlight.enhance import local_checkpoint  # enhance imports this module
+
+    local = local_checkpoint(directory, endpoint_url)
+    earlier = Config.model_validate(yaml.safe_load((local / "config.yaml").read_text())).model.init_from
+    loaded = initialise_from(earlier, modules, endpoint_url) if earlier else []
+    for path in sorted(local.glob("*.safetensors")):
+        name = path.name.removesuffix(".safetensors")
+        if name in modules:  # *.ema.safetensors and artifacts (initial noise) name no module
+            load_model(modules[name], str(path), strict=True)
+            loaded.append(name)
+    return loaded
+

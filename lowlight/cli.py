@@ -152,6 +152,29 @@ def search_noise(checkpoint: Annotated[str, typer.Option(help="checkpoint of a l
     typer.echo(f"best of {report.candidates} noises: candidate {report.best}; reference {report.metric} "
                f"{report.reference_default:.3f} -> {report.reference_best:.3f}; validation "
                f"{report.val_default:.3f} -> {report.val_best:.3f} ({report.val_gain:+.3f}) in {report.seconds:.0f} s")
+    if report.val_large_tiled is not None:
+        typer.echo(f"at twice the side: tiled searched noise {report.val_large_tiled:.3f}, fresh noise "
+                   f"{report.val_large_fresh:.3f}")
+    typer.echo("saved: enhance starts from it" if report.saved else
+               "not saved: it did not beat the default seed on the validation rows")
+
+
+@app.command()
+def bundle(pretrained: Annotated[str, typer.Argument(help="diffusers directory (local or s3://) to complete")],
+           text_encoder: Annotated[str | None, typer.Option(
+               help="hub id or directory with tokenizer/ and text_encoder/ (default: PRETRAINED itself)")] = None,
+           endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (default: AWS_ENDPOINT_URL)")] = None
+           ) -> None:
+    """Save CLIP's embedding of the empty prompt beside SD weights (prompt_embedding.safetensors), so the
+    bundle loads without its text encoder."""
+    from lowlight.models.sd import save_prompt_embedding
+
+    try:
+        url = save_prompt_embedding(pretrained, text_encoder, endpoint_url)
+    except (ConfigError, OSError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"empty-prompt embedding: {url}")
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TENSOR_COLUMNS = ("raw_in", "raw_gt", "lrgb_in", "srgb_in", "srgb_gt", "z_in", "z_gt")
 RAW_ONLY_COLUMNS = ("raw_in", "raw_gt", "lrgb_in")
+STAGE1_COLUMNS = ("srgb_pre", "z_pre")  # written when preprocess.pre_restore names a stage-1 checkpoint
 LATENT_COLUMNS = {"z_in": "srgb_in", "z_gt": "srgb_gt"}
 
 
@@ -61,6 +62,8 @@ class SamplesConfig(Strict):
 class ModelConfig(Strict):
     pretrained: str = Field("tiny", description="'tiny', a hub id, or a local diffusers directory")
     vae: str | None = Field(None, description="a fitted/fine-tuned AutoencoderKL directory that replaces the bundle's VAE")
+    init_from: str | None = Field(None, description="checkpoint of an earlier training stage whose modules "
+                                  "initialise this one's (frozen and trainable alike; its own init_from first)")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="override the scheduler's (None: as the pretrained scheduler config says)")
     zero_terminal_snr: bool | None = Field(None, description="rescale betas to zero terminal SNR (None: as configured)")
@@ -68,6 +71,8 @@ class ModelConfig(Strict):
     gradient_checkpointing: bool = False
     vae_tiling: bool = Field(True, description="encode/decode large images tile by tile")
     vae_tile: int | None = Field(None, ge=64, description="VAE tile side in pixels (None: the VAE's sample_size)")
+    vae_stats_size: int | None = Field(1024, ge=64, description="long side (px) of the untiled pass whose GroupNorm "
+                                       "statistics every VAE tile uses (None: the whole image, exact but untiled memory)")
     vae_slicing: bool = Field(False, description="encode/decode a batch one image at a time")
     frozen_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype of the frozen VAE/UNet (auto: bf16 on CUDA, fp32 on CPU)")
@@ -115,6 +120,8 @@ class PreprocessConfig(Strict):
     file_bytes: int = Field(128 * 2**20, ge=2**10, description="largest Parquet file, in bytes of Arrow data")
     row_group_bytes: int = Field(128 * 2**20, ge=2**10, description="largest row group, in bytes of Arrow data")
     records_per_shard: int = Field(256, ge=1, description="resume granularity: a shard is written whole or not at all")
+    pre_restore: str | None = Field(None, description="checkpoint (local or s3://) of a non-diffusion sRGB method "
+                                    "run on srgb_in: its output and latent are written as srgb_pre and z_pre")
 
     @field_validator("crop_size")
     @classmethod
@@ -126,10 +133,18 @@ class PreprocessConfig(Strict):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(TENSOR_COLUMNS))
+        unknown = sorted(set(v) - set(TENSOR_COLUMNS) - set(STAGE1_COLUMNS))
         if unknown:
-            raise ValueError(f"unknown columns {unknown}; choose from {list(TENSOR_COLUMNS)}")
+            raise ValueError(f"unknown columns {unknown}; choose from {list(TENSOR_COLUMNS + STAGE1_COLUMNS)}")
         return v
+
+    @model_validator(mode="after")
+    def _stage1_needs_a_checkpoint(self) -> PreprocessConfig:
+        asked = [c for c in self.columns if c in STAGE1_COLUMNS]
+        if asked and not self.pre_restore:
+            raise ValueError(f"columns {asked} are the stage-1 restoration's output: set preprocess.pre_restore "
+                             f"to the checkpoint that makes them")
+        return self
 
 
 class MethodConfig(Strict):

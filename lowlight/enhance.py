@@ -22,11 +22,13 @@ import torch.nn.functional as F
 
 from lowlight import storage
 from lowlight.checkpoint import load_method
+from lowlight.config import STAGE1_COLUMNS
 from lowlight.data.images import IMAGE_SUFFIXES, decode_image, encode_png
 from lowlight.data.layouts import read_exif
 from lowlight.data.raw import pack_bayer, read_raw, render_srgb
 from lowlight.methods import EnhanceOptions, Method
 from lowlight.models.sd import cache_root
+from lowlight.pre_restore import with_stage1
 
 PAD = 64  # sRGB pixels
 AUTO_EXPOSURE_MEAN = 0.1  # 'auto' ratio: brighten the packed raw to this mean (a mid-grey-ish exposure)
@@ -108,13 +110,15 @@ def enhance_file(checkpoint: str, input_path: str, output_path: str, opts: Enhan
                  ratio: float | None = None, iso: float | None = None, device: str | None = None,
                  endpoint_url: str | None = None) -> EnhanceReport:
     tick = time.perf_counter()
-    _, method = load_method(local_checkpoint(checkpoint, endpoint_url))
+    cfg, method = load_method(local_checkpoint(checkpoint, endpoint_url))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     method.to(device)
     batch, used_ratio = load_batch(storage.read_bytes(input_path, endpoint_url), input_path, method, ratio, iso)
     height, width = (batch["srgb_in"].shape[-2:] if "srgb_in" in batch
                      else tuple(2 * s for s in batch["raw_in"].shape[-2:]))
     padded = {k: v.to(device) for k, v in pad_images(batch, PAD).items()}
+    if cfg.preprocess.pre_restore and set(STAGE1_COLUMNS) & set(method.optional_columns_for(cfg.method)):
+        padded = with_stage1(padded, cfg.preprocess.pre_restore, method.bundle.encode, endpoint_url)
     image = method.enhance(padded, opts or EnhanceOptions())[0, :, :height, :width]
     png = encode_png(np.ascontiguousarray(image.permute(1, 2, 0).float().cpu().numpy()), bits=8)
     storage.atomic_write_bytes(output_path, png, endpoint_url)

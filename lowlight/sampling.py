@@ -118,7 +118,10 @@ class NoiseSchedule:
         if self.timestep_spacing == "linspace":
             chosen = np.linspace(0, total - 1, steps).round()[::-1].astype(np.int64)
         elif self.timestep_spacing == "leading":
-            chosen = (np.arange(0, steps) * (total // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+            chosen = (np.arange(0, steps) * (total // steps)).round()[::-1].astype(np.int64)
+            # SD's steps_offset=1 would push the first of T steps to t = T (diffusers indexes out of range
+            # there): the offset is applied only as far as it keeps the schedule inside [0, T - 1].
+            chosen += min(self.steps_offset, total - 1 - int(chosen[0]))
         else:
             chosen = np.round(np.arange(total, 0, -total / steps)).astype(np.int64) - 1
         kept = min(int(steps * strength), steps)
@@ -178,15 +181,22 @@ def _guided_output(denoiser: Denoiser, x_t: Tensor, t: Tensor, guidance_scale: f
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def predict_x0(denoiser: Denoiser, schedule: NoiseSchedule, x_t: Tensor, t: Tensor,
+               guidance_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One denoiser evaluation (with guidance) read as (x̂0, ε̂): the first half of every sampler step."""
+    output = _guided_output(denoiser, x_t, t, guidance_scale).to(x_t.dtype)
+    return schedule.x0_eps(x_t, t, output)
+
+
 def _gaussian_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     # Drawn on the generator's device (CPU generators give device-independent draws, as diffusers does).
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _update(x0: Tensor, eps: Tensor, alpha: float, alpha_prev: float, eta: float,
-            generator: torch.Generator | None) -> Tensor:
-    """x_prev from (x̂0, ε̂): DDIM eq. 12 (Song et al. 2021). At η = 1, σ² is the DDPM posterior variance
+def ddim_update(x0: Tensor, eps: Tensor, alpha: float, alpha_prev: float, eta: float,
+                generator: torch.Generator | None = None) -> Tensor:
+    """The second half of a sampler step, x_prev from (x̂0, ε̂): DDIM eq. 12 (Song et al. 2021). At η = 1, σ² is the DDPM posterior variance
     β̃ = (1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev) between these two timesteps, and the step is exactly the
     ancestral DDPM step x_prev ~ q(x_prev | x_t, x̂0) of the respaced chain."""
     sigma = eta * math.sqrt((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev))
@@ -220,8 +230,7 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, opts: SamplerOptions, no
     x_t = noise if opts.strength == 1 else schedule.add_noise(init, noise, batch_t(0))
     for index, timestep in enumerate(timesteps):
         t = batch_t(index)
-        output = _guided_output(denoiser, x_t, t, opts.guidance_scale).to(x_t.dtype)
-        x0, eps = schedule.x0_eps(x_t, t, output)
+        x0, eps = predict_x0(denoiser, schedule, x_t, t, opts.guidance_scale)
         if callback is not None:
             replacement = callback(StepState(index=index, t=t, x_t=x_t, x0=x0))
             if replacement is not None:
@@ -232,7 +241,7 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, opts: SamplerOptions, no
         if index + 1 < len(timesteps):
             alpha = float(schedule.alphas_cumprod[timestep])
             alpha_prev = float(schedule.alphas_cumprod[timesteps[index + 1]])
-            x_t = _update(x0, eps, alpha, alpha_prev, eta, generator)
+            x_t = ddim_update(x0, eps, alpha, alpha_prev, eta, generator)
     return x0
 
 

@@ -51,7 +51,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from lowlight import checkpoint, storage
-from lowlight.config import Config, ConfigError, TrainConfig
+from lowlight.config import STAGE1_COLUMNS, Config, ConfigError, TrainConfig
 from lowlight.methods import Method, build_method, method_class, parse_options
 from lowlight.models import sd
 from lowlight.optim import EMA, lr_lambda
@@ -84,6 +84,12 @@ def preflight(cfg: Config) -> dict:
     if missing:
         raise ConfigError(f"'{cfg.train.data}' lacks column(s) {missing} that method '{cfg.method.name}' "
                           f"({cfg.method.domain}) needs; re-run preprocess with them in preprocess.columns")
+    optional = [c for c in method_class(cfg.method.name).optional_columns_for(cfg.method) if c in schema.names]
+    if any(c in STAGE1_COLUMNS for c in optional) and not cfg.preprocess.pre_restore:
+        raise ConfigError(f"'{cfg.train.data}' has the stage-1 restoration's columns {optional}, but "
+                          f"preprocess.pre_restore is unset: name the checkpoint that made them, so the trained "
+                          f"model's config lets `lowlight enhance` run it on files too")
+    needed = (*needed, *optional)
     if any(c.startswith("z_") for c in needed):
         _check_vae(cfg, files, fs)
     image_column = "raw_in" if cfg.method.domain == "raw" else "srgb_in"

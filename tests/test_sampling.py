@@ -84,9 +84,20 @@ def test_timesteps_equal_diffusers_ddim(config):
     for steps in (1, 3, 7, 10, 20, 50, 333, 999, 1000):
         scheduler.set_timesteps(steps)
         expected = scheduler.timesteps
+        if expected.max() >= len(scheduler.alphas_cumprod):
+            continue  # diffusers leaves [0, T - 1] here (SD's offset at T steps): its step would fail
         got = schedule.timesteps(steps)
         assert got.dtype == torch.int64
         assert torch.equal(got, expected), (config, steps)
+
+
+def test_as_many_steps_as_training_timesteps_with_sd_offset():
+    schedule = schedule_of()  # leading spacing, steps_offset 1, as SD 1.x/2.x ship
+    assert torch.equal(schedule.timesteps(1000), torch.arange(999, -1, -1))
+    assert torch.equal(schedule.timesteps(500), torch.arange(999, 0, -2))  # offset kept where it fits
+    x0 = torch.full((1, 4, 2, 2), 0.7)
+    out = sample(exact_denoiser(schedule, x0), schedule, SamplerOptions(steps=1000), torch.randn(1, 4, 2, 2))
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-3)
 
 
 def test_from_scheduler_reads_config():
@@ -336,7 +347,7 @@ def test_fit_noise_tiles_periodically_and_crops():
         fit_noise(noise, (1, 3, 3, 5))
 
 
-def test_noise_search_keeps_the_best_and_never_loses_to_the_default():
+def test_noise_search_keeps_the_best_candidate_from_seeded_draws():
     shape = (4, 4, 4)
     seen: list[torch.Tensor] = []
 
@@ -348,7 +359,6 @@ def test_noise_search_keeps_the_best_and_never_loses_to_the_default():
     assert torch.equal(seen[0], default_noise(shape, 9))
     assert result.default_score == result.scores[0] == score(default_noise(shape, 9))
     assert len(result.scores) == 6 and result.scores[result.best] == max(result.scores)
-    assert result.scores[result.best] >= result.default_score
     assert result.best != 0  # with this score a better candidate exists: the search did something
     assert torch.equal(result.noise, seen[result.best])
     assert torch.equal(result.noise, default_noise(shape, candidate_seeds(6, 3, 9)[result.best]))

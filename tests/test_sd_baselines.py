@@ -17,10 +17,11 @@ from lowlight.cli import app
 from lowlight.config import ConfigError, MethodConfig, ModelConfig, load_config
 from lowlight.data.images import read_image
 from lowlight.data.parquet import read_split
+from lowlight.enhance import PAD, pad_images
 from lowlight.methods import EnhanceOptions, build_method
 from lowlight.methods.latent import INITIAL_NOISE_FILE
 from lowlight.noise_search import search_checkpoint_noise
-from lowlight.sampling import tiled_denoiser
+from lowlight.sampling import tile_regions, tiled_denoiser
 from lowlight.train import train
 
 BASELINES = {"sd_concat": "unet", "sd_controlnet": "controlnet", "lacontrolnet": "controlnet"}
@@ -93,17 +94,35 @@ def test_unknown_trainable_module_is_refused():
         build_method(MethodConfig(name="lacontrolnet", domain="srgb", options={"trainable": ["text_encoder"]}), 3)
 
 
-def test_tiled_matches_untiled_when_the_input_fits_one_tile(trained, srgb_data):
+@pytest.mark.parametrize(("tile", "overlap", "grid", "bound"), [(16, 8, 2, 0.3), (12, 6, 3, 0.45)])
+def test_tiled_denoising_stays_close_to_untiled(trained, srgb_data, tile, overlap, grid, bound):
+    """On a 24 x 24 latent that also fits whole: 2 x 2 and 3 x 3 overlapping tiles, each with its crop of
+    the condition, against one call on everything. The tiny UNet's self-attention spans whatever it is
+    given, so tiles cannot match exactly; measured when written: RMS error 0.22 (2 x 2) and 0.36 (3 x 3)
+    of the output's spread, against 0.52 for abutting tiles without the blend."""
     _, method = checkpoint.load_method(trained["lacontrolnet"])
-    batch = _rows(srgb_data, "test", 2)
-    height, width = batch["z_in"].shape[-2:]
-    for_region = method.denoiser_for(method.hint(batch))
-    x_t, t = torch.randn_like(batch["z_in"]), torch.tensor([500, 500])
-    whole = for_region((0, 0, height, width))(x_t, t, True)
-    tiled = tiled_denoiser(for_region, (height, width), max(height, width), 2)(x_t, t, True)
-    torch.testing.assert_close(tiled, whole)
-    small_tiles = method.predict(batch, EnhanceOptions(steps=3, tile=height // 2))
-    assert small_tiles.shape == batch["srgb_in"].shape and torch.isfinite(small_tiles).all()
+    z = _rows(srgb_data, "test", 1)["z_in"].repeat(1, 1, 3, 3)
+    height, width = z.shape[-2:]
+    assert len(tile_regions(height, width, tile, overlap)) == grid * grid
+    for_region = method.denoiser_for(method.hint({"z_in": z}))
+    x_t, t = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        whole = for_region((0, 0, height, width))(x_t, t, True)
+        error = lambda tiles, shared: float(
+            (tiled_denoiser(for_region, (height, width), tiles, shared)(x_t, t, True) - whole).pow(2).mean().sqrt())
+        blended, abutting = error(tile, overlap), error(12, 0)
+    assert blended < bound * float(whole.std()), (blended, float(whole.std()))
+    assert blended < 0.8 * abutting, (blended, abutting)
+    small_tiles = method.predict(_rows(srgb_data, "test", 1), EnhanceOptions(steps=3, tile=4))
+    assert torch.isfinite(small_tiles).all()
+
+
+def test_guidance_changes_what_a_model_trained_with_dropout_returns(trained, srgb_data):
+    _, method = checkpoint.load_method(trained["sd_concat"])  # InstructPix2Pix's 5 % condition dropout
+    batch = _rows(srgb_data, "test", 1)
+    plain = method.predict(batch, EnhanceOptions(steps=3, guidance_scale=1.0))
+    guided = method.predict(batch, EnhanceOptions(steps=3, guidance_scale=4.0))
+    assert float((guided - plain).abs().mean()) > 1e-4
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
@@ -117,10 +136,15 @@ def test_enhance_cli_on_png_and_dng(trained, sample_root, tmp_path, name):
                                      "--output", str(out), "--steps", "3", "--ratio", "100"])
         assert result.exit_code == 0, result.output
         image = read_image(str(out))
-        expected = read_image(str(source)).shape[:2] if source.suffix == ".png" else None
-        if expected:
-            assert image.shape[:2] == expected
-        assert image.ndim == 3 and image.shape[2] == 3 and 0 < image.mean() < 1
+        assert image.ndim == 3 and image.shape[2] == 3
+    # The PNG's file is what the method returns on the padded image, cropped back and stored in 8 bits.
+    _, method = checkpoint.load_method(trained[name])
+    source = read_image(str(png))
+    batch = {"srgb_in": torch.from_numpy(np.ascontiguousarray(source.transpose(2, 0, 1)))[None]}
+    expected = method.enhance(pad_images(batch, PAD), EnhanceOptions(steps=3))[0, :, :source.shape[0], :source.shape[1]]
+    written = read_image(str(tmp_path / f"{png.stem}-{name}.png"))
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written, expected.permute(1, 2, 0).numpy(), atol=1 / 255 + 1e-4)
 
 
 def test_enhance_cli_names_a_bad_file(trained, tmp_path):
@@ -133,13 +157,14 @@ def test_enhance_cli_names_a_bad_file(trained, tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
-def test_noise_search_beats_or_ties_the_default_and_is_reused(trained, tmp_path):
+def test_noise_search_keeps_a_noise_only_when_it_helps_held_out_rows(trained, tmp_path):
     ckpt = trained["sd_concat"]
-    report = search_checkpoint_noise(str(ckpt), candidates=4, reference=4, val=4, steps=3)
-    assert report.reference_best >= report.reference_default
-    assert report.reference_default == report.scores[0]
-    assert np.isfinite(report.val_gain)
-    assert (ckpt / INITIAL_NOISE_FILE).exists()
+    none = search_checkpoint_noise(str(ckpt), candidates=1, reference=4, val=4, steps=3)  # only the default
+    assert none.val_gain == 0 and not none.saved and not (ckpt / INITIAL_NOISE_FILE).exists()
+    report = search_checkpoint_noise(str(ckpt), candidates=4, reference=4, val=8, steps=3)
+    assert report.reference_default == report.scores[0] and len(report.scores) == 4
+    assert np.isfinite([report.val_large_tiled, report.val_large_fresh]).all()
+    assert report.saved == (report.val_gain > 0) == (ckpt / INITIAL_NOISE_FILE).exists()
     _, method = checkpoint.load_method(ckpt)
-    assert method.initial_noise is not None and method.initial_noise.shape[0] == 4
-    (ckpt / INITIAL_NOISE_FILE).unlink()
+    assert (method.initial_noise is not None) == report.saved
+    (ckpt / INITIAL_NOISE_FILE).unlink(missing_ok=True)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from typer.testing import CliRunner
 
-from lowlight.config import ModelConfig
-from lowlight.models import sd
+from lowlight.cli import app
+from lowlight.config import ConfigError, ModelConfig
+from lowlight.models import prompt, sd
 from lowlight.sampling import NoiseSchedule
 
 
@@ -40,7 +42,7 @@ def _add_text_encoder(directory: str, tmp_path) -> CLIPTextModel:
 
 def test_tiny_bundle_has_zero_prompt_and_sd_schedule():
     bundle = sd.SDBundle.tiny()
-    assert bundle.prompt_embedding.shape == (1, sd.PROMPT_LENGTH, sd.TINY_CROSS_ATTENTION_DIM)
+    assert bundle.prompt_embedding.shape == (1, prompt.PROMPT_LENGTH, sd.TINY_CROSS_ATTENTION_DIM)
     assert not bundle.prompt_embedding.any()
     assert bundle.scheduler.config.prediction_type == "epsilon"
     assert bundle.latent_factor == 8
@@ -73,7 +75,10 @@ def test_sd21_v_prediction_layout(tmp_path):
     unet = UNet2DConditionModel.from_config(unet.config, use_linear_projection=True, attention_head_dim=[4, 8])
     shutil.rmtree(f"{directory}/unet")
     unet.save_pretrained(f"{directory}/unet")
+    saved = torch.randn(1, prompt.PROMPT_LENGTH, sd.TINY_CROSS_ATTENTION_DIM)
+    (tmp_path / "sd21v" / prompt.PROMPT_EMBEDDING_FILE).write_bytes(prompt.to_bytes(saved))
     bundle = sd.SDBundle.load(ModelConfig(pretrained=directory))
+    torch.testing.assert_close(bundle.prompt_embedding, saved)
     assert bundle.scheduler.config.prediction_type == "v_prediction"
     assert bundle.unet.config.use_linear_projection
 
@@ -96,3 +101,25 @@ def test_overrides_and_memory_switches():
 def test_missing_pretrained_directory_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="missing"):
         sd.SDBundle.load(ModelConfig(pretrained=str(tmp_path / "missing")))
+
+
+def test_a_real_bundle_without_text_encoder_or_saved_embedding_is_refused(tmp_path):
+    directory = _bundle_like(tmp_path, "no-text", PNDMScheduler())
+    with pytest.raises(ConfigError, match=r"neither text_encoder/ nor prompt_embedding.safetensors.*lowlight bundle"):
+        sd.SDBundle.load(ModelConfig(pretrained=directory))
+    (tmp_path / "no-text" / prompt.PROMPT_EMBEDDING_FILE).write_bytes(prompt.to_bytes(torch.zeros(1, 77, 8)))
+    with pytest.raises(ConfigError, match=r"\(1, 77, 8\) embedding.*needs \(1, 77, 32\)"):
+        sd.SDBundle.load(ModelConfig(pretrained=directory))
+
+
+def test_bundle_command_saves_the_text_encoders_embedding_beside_the_weights(tmp_path):
+    """The weights are staged without text_encoder/; the embedding comes from another copy that has it."""
+    with_text = _bundle_like(tmp_path, "full", PNDMScheduler())
+    encoder = _add_text_encoder(with_text, tmp_path)
+    weights = _bundle_like(tmp_path, "staged", PNDMScheduler())
+    done = CliRunner().invoke(app, ["bundle", weights, "--text-encoder", with_text])
+    assert done.exit_code == 0, done.output
+    assert prompt.PROMPT_EMBEDDING_FILE in done.output
+    with torch.no_grad():
+        expected = encoder(torch.tensor([[0] + [1] * 76]))[0]
+    torch.testing.assert_close(sd.SDBundle.load(ModelConfig(pretrained=weights)).prompt_embedding, expected)

@@ -56,9 +56,12 @@ def group_by_target(records: list[dict]) -> list[list[dict]]:
 
 
 def needed_arrays(columns: list[str]) -> set[str]:
-    """Arrays to decode: the requested ones plus the sRGB images that latents are encoded from."""
+    """Arrays to decode: the requested ones plus the sRGB images that latents are encoded from; the stage-1
+    restoration's output (srgb_pre) is made from srgb_in after decoding."""
     need = {c for c in columns if not c.startswith("z_")}
     need |= {"srgb_" + c[2:] for c in columns if c.startswith("z_")}
+    if "srgb_pre" in need:
+        need = (need - {"srgb_pre"}) | {"srgb_in"}
     return need
 
 

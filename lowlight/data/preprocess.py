@@ -32,7 +32,15 @@ import torch
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from lowlight import storage
-from lowlight.config import RAW_ONLY_COLUMNS, TENSOR_COLUMNS, Config, ConfigError, ModelConfig, dump_config
+from lowlight.config import (
+    RAW_ONLY_COLUMNS,
+    STAGE1_COLUMNS,
+    TENSOR_COLUMNS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    dump_config,
+)
 from lowlight.data import shards as sh
 from lowlight.data.decode import decode_groups, group_by_target, task_cpus
 from lowlight.data.layouts import dataset_records
@@ -68,6 +76,8 @@ def resolve_columns(cfg: Config, kind: str) -> list[str]:
             raise ConfigError(f"config key 'preprocess.columns': {raw_cols} need a RAW dataset, "
                               f"but layout '{cfg.dataset.layout}' is sRGB")
         requested = [c for c in requested if c not in RAW_ONLY_COLUMNS]
+    if cfg.preprocess.pre_restore:
+        requested = requested + [c for c in STAGE1_COLUMNS if c not in requested]
     return requested
 
 
@@ -86,21 +96,29 @@ def match_threads_to_cpus() -> None:
 
 
 class LatentEncoder:
-    """Adds scaled VAE latents (``z_in`` from ``srgb_in``, ``z_gt`` from ``srgb_gt``) to columnar rows,
-    encoding ``batch_size`` crops at a time, and drops the sRGB columns that were only decoded for them."""
+    """Adds scaled VAE latents (``z_in`` from ``srgb_in``, ``z_gt`` from ``srgb_gt``, ``z_pre`` from
+    ``srgb_pre``) to columnar rows, ``batch_size`` crops at a time, after running the stage-1 restoration
+    (``pre_restore``) on ``srgb_in`` when there is one; drops the sRGB columns only decoded for them."""
 
     def __init__(self, model: ModelConfig, endpoint_url: str | None, columns: list[str], stamp: VaeStamp,
-                 batch_size: int):
+                 batch_size: int, pre_restore: str | None = None):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae = sd.load_vae(model.pretrained, model.vae, endpoint_url)
         if sd.fingerprint(self.vae) != stamp.vae_id:
             raise RuntimeError("the VAE loaded on this worker differs from the driver's: check model.pretrained/vae")
         self.vae.to(self.device)
+        self.restorer = None
+        if pre_restore:
+            from lowlight.pre_restore import PreRestorer  # loads every method: only where stage 1 runs
+
+            self.restorer = PreRestorer(pre_restore, endpoint_url, self.device)
         self.latents = [c for c in columns if c.startswith("z_")]
-        self.unrequested = [f"srgb_{z[2:]}" for z in self.latents if f"srgb_{z[2:]}" not in columns]
+        self.unrequested = {"srgb_in", "srgb_gt", "srgb_pre"} - set(columns)
         self.scale, self.batch_size = stamp.scaling_factor, batch_size
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.restorer is not None:
+            rows["srgb_pre"] = self.restorer.restore_rows(rows["srgb_in"], self.batch_size)
         cuda = self.device == "cuda"
         with torch.no_grad(), torch.autocast(self.device, torch.bfloat16, enabled=cuda):
             for z in self.latents:
@@ -118,9 +136,9 @@ class VaeEncode:
     """Actor stage after the decode tasks: VAE-encode the decoded crops (GPU when the actor has one)."""
 
     def __init__(self, model: ModelConfig, endpoint_url: str | None, columns: list[str], stamp: VaeStamp,
-                 batch_size: int):
+                 batch_size: int, pre_restore: str | None = None):
         match_threads_to_cpus()
-        self.encode = LatentEncoder(model, endpoint_url, columns, stamp, batch_size)
+        self.encode = LatentEncoder(model, endpoint_url, columns, stamp, batch_size, pre_restore)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.encode(batch)
@@ -129,9 +147,10 @@ class VaeEncode:
 class DecodeEncode:
     """Fused actor stage for CPU-only clusters: decode a record group and encode its crops in one process."""
 
-    def __init__(self, model: ModelConfig, options: dict, staging: str, stamp: VaeStamp, batch_size: int):
+    def __init__(self, model: ModelConfig, options: dict, staging: str, stamp: VaeStamp, batch_size: int,
+                 pre_restore: str | None = None):
         match_threads_to_cpus()
-        self.encode = LatentEncoder(model, options["endpoint_url"], options["columns"], stamp, batch_size)
+        self.encode = LatentEncoder(model, options["endpoint_url"], options["columns"], stamp, batch_size, pre_restore)
         self.options, self.staging = options, staging
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -161,7 +180,8 @@ def _pipeline(cfg: Config, items: list[dict], columns: list[str], kind: str, sta
         actors = min(len(items), pre.vae_actors or max(1, int(cpus // pre.decode_cpus)))
         ds = ds.map_batches(DecodeEncode, fn_constructor_kwargs={
             "model": cfg.model, "options": options, "staging": staging, "stamp": stamp,
-            "batch_size": pre.vae_batch_size}, batch_size=1, num_cpus=pre.decode_cpus, memory=pre.decode_memory,
+            "batch_size": pre.vae_batch_size, "pre_restore": pre.pre_restore}, batch_size=1,
+            num_cpus=pre.decode_cpus, memory=pre.decode_memory,
             compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1))
     else:
         ds = ds.map_batches(decode_groups, fn_kwargs={"options": options, "staging": staging}, batch_size=1,
@@ -169,7 +189,7 @@ def _pipeline(cfg: Config, items: list[dict], columns: list[str], kind: str, sta
         if has_latents:
             ds = ds.map_batches(VaeEncode, fn_constructor_kwargs={
                 "model": cfg.model, "endpoint_url": ep, "columns": columns, "stamp": stamp,
-                "batch_size": pre.vae_batch_size}, batch_size=pre.vae_batch_size,
+                "batch_size": pre.vae_batch_size, "pre_restore": pre.pre_restore}, batch_size=pre.vae_batch_size,
                 compute=ActorPoolStrategy(size=pre.vae_actors or max(1, gpus)), num_gpus=1 if gpus else 0)
     rows_per_file = max(1, pre.file_bytes // output_row_bytes(columns, pre.crop_size, kind))
     return ds.map_batches(sh.write_parts, fn_kwargs={"staging": staging, "stamp": stamp,
@@ -187,6 +207,10 @@ def preprocess(cfg: Config) -> Summary:
                          f"(splits {cfg.dataset.splits})")
     kind = records[0]["kind"]
     columns = resolve_columns(cfg, kind)
+    if cfg.preprocess.pre_restore:  # a missing or unsuitable checkpoint fails here, before any task starts
+        from lowlight.pre_restore import PreRestorer
+
+        PreRestorer(cfg.preprocess.pre_restore, ep)
     vae = sd.load_vae(cfg.model.pretrained, cfg.model.vae, ep)
     stamp = VaeStamp(sd.fingerprint(vae), float(vae.config.scaling_factor))
     del vae

@@ -53,6 +53,11 @@ class Method(nn.Module):
         """Parquet columns a batch must hold, for the configured domain."""
         raise NotImplementedError(cls.__name__ + " must declare its columns")
 
+    @classmethod
+    def optional_columns_for(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        """Parquet columns a batch holds when the data has them (e.g. the stage-1 restoration's)."""
+        return ()
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 

@@ -12,20 +12,22 @@ guidance uses as the unconditional branch at inference.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lowlight.colorfix import color_fix
-from lowlight.config import ConfigError, MethodConfig, ModelConfig
+from lowlight.config import STAGE1_COLUMNS, ConfigError, MethodConfig, ModelConfig
 from lowlight.methods.base import EnhanceOptions, Method, MethodOptions
-from lowlight.models.sd import SDBundle
+from lowlight.models.sd import SDBundle, apply_denoiser_memory_options, changed_schedule_keys
 from lowlight.sampling import (
     Callback,
     Denoiser,
@@ -41,6 +43,14 @@ from lowlight.sampling import (
 INITIAL_NOISE_FILE = "initial_noise.safetensors"
 
 
+@dataclass
+class Condition:
+    """The condition of one sampling run, read at every denoiser call: a step callback may replace
+    ``hint`` between steps (condition refinement updates it with x_t), and each tile crops it then."""
+
+    hint: Tensor
+
+
 class LatentDiffusionOptions(MethodOptions):
     trainable: list[str] | None = Field(None, description="modules to train (None: the method's default)")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="probability of training with the null condition")
@@ -53,6 +63,19 @@ class LatentDiffusionOptions(MethodOptions):
     tile: int = Field(64, ge=8, description="latent pixels per denoiser tile (64 = 512 px for SD)")
     tile_overlap: int = Field(16, ge=0, description="latent pixels shared by neighbouring tiles")
     color_fix: Literal["none", "adain", "wavelet"] = "none"
+
+    @model_validator(mode="after")
+    def _guidance_needs_dropout(self) -> LatentDiffusionOptions:
+        check_guidance(self.guidance_scale, self.cond_dropout, "method.options.guidance_scale")
+        return self
+
+
+def check_guidance(scale: float, cond_dropout: float, key: str) -> None:
+    """Guidance mixes in the null-condition output, which only condition dropout trains."""
+    if scale > 1 and cond_dropout == 0:
+        raise ConfigError(f"{key}={scale} needs the unconditional branch, but method.options.cond_dropout is 0: "
+                          f"the model never saw the null condition in training, so guiding with it extrapolates "
+                          f"from an untrained output. Train with cond_dropout > 0 (InstructPix2Pix: 0.05) or use 1")
 
 
 class LatentDiffusionMethod(Method):
@@ -69,11 +92,20 @@ class LatentDiffusionMethod(Method):
         self.register_buffer("prompt_embedding", self.bundle.prompt_embedding, persistent=False)
         self.initial_noise: Tensor | None = None
         self.build_conditioning()
+        for name, module in self.named_trainables().items():
+            if name not in ("unet", "vae"):  # the bundle applied them to the UNet; the VAE does not train
+                apply_denoiser_memory_options(module, model)
         self._freeze(model)
+        if model.init_from:
+            self._initialise_from(model.init_from)
 
     @classmethod
     def columns_for(cls, cfg: MethodConfig) -> tuple[str, ...]:
         return ("z_in", "z_gt", "srgb_in", "srgb_gt")
+
+    @classmethod
+    def optional_columns_for(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        return STAGE1_COLUMNS
 
     def build_conditioning(self) -> None:
         """Add the modules through which the condition reaches the denoiser."""
@@ -82,34 +114,78 @@ class LatentDiffusionMethod(Method):
         """The condition as the denoiser takes it (default: the condition latent)."""
         return self.condition_latent(batch)
 
+    def null_hint(self, hint: Tensor) -> Tensor:
+        """The condition that stands for "no condition": what condition dropout trains with and the
+        unconditional branch of guidance gets. Zeros by default (a zero latent, or a black image for a
+        pixel ControlNet, which is close to a low-light input: a method may choose better)."""
+        return torch.zeros_like(hint)
+
+    def decode(self, latent: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Latent -> sRGB in [0, 1], for ``predict`` and the decoder-space loss; ``batch`` is there for
+        decoders that read the input too (DarkDiff's residual VAE)."""
+        return self.bundle.decode(latent)
+
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
         raise NotImplementedError(self.name + " must say how the condition enters the denoiser")
 
     def named_trainables(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, **{n: m for n, m in self.named_children() if n not in ("unet", "vae")}}
+        """The top-level modules: the UNet, the VAE and what ``build_conditioning`` added."""
+        return {"unet": self.unet, "vae": self.vae,
+                **{n: m for n, m in self.named_children() if n not in ("unet", "vae")}}
+
+    def _chosen_trainables(self, names: list[str]) -> dict[str, nn.Module]:
+        """``method.options.trainable`` resolved: top-level names, dotted module paths or glob patterns of
+        them (``vae.decoder``, ``unet.up_blocks.*``); a path inside another chosen one is dropped."""
+        roots = self.named_trainables()
+        paths = {path: module for path, module in self.named_modules() if path.split(".")[0] in roots}
+        chosen: dict[str, nn.Module] = {}
+        for name in names:
+            matches = [p for p in paths if p == name or fnmatch.fnmatchcase(p, name)]
+            if not matches:
+                raise ConfigError(f"config key 'method.options.trainable': '{name}' matches no module of "
+                                  f"'{self.name}'; top-level modules are {sorted(roots)}, and dotted paths or glob "
+                                  f"patterns inside them (e.g. 'vae.decoder') choose parts")
+            chosen.update({p: paths[p] for p in matches})
+        return {p: m for p, m in chosen.items()
+                if not any(p.startswith(other + ".") for other in chosen if other != p)}
 
     def _freeze(self, model: ModelConfig) -> None:
-        modules = self.named_trainables()
         names = self.options.trainable if self.options.trainable is not None else list(self.default_trainable)
-        unknown = sorted(set(names) - set(modules))
-        if unknown:
-            raise ConfigError(f"config key 'method.options.trainable': {unknown} are not modules of "
-                              f"'{self.name}'; choose from {sorted(modules)}")
-        self.trainable_names = tuple(names)
+        chosen = self._chosen_trainables(names)
+        changed = changed_schedule_keys(self.bundle.source, model)
+        if changed and not any(p == "unet" or p.startswith("unet.") for p in chosen):
+            raise ConfigError(f"config key(s) {changed} change what the UNet predicts or its noise schedule, but the "
+                              f"UNet is frozen (method.options.trainable={names}): it would keep answering the "
+                              f"schedule it was trained on. Train the UNet too, or leave them unset")
+        self.trainable_names = tuple(chosen)
         self.requires_grad_(False)
-        for name in names:
-            modules[name].requires_grad_(True)
+        for module in chosen.values():
+            module.requires_grad_(True)
         frozen = model.frozen_dtype
         if frozen == "auto":
             frozen = "bf16" if torch.cuda.is_available() else "fp32"
         if frozen != "fp32":
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen]
-            self.vae.to(dtype)
-            if "unet" not in names:
-                self.unet.to(dtype)
+            for root in ("vae", "unet"):
+                if root not in chosen:
+                    getattr(self, root).to(dtype)
+            for module in chosen.values():  # a trainable part inside a frozen module keeps fp32 weights
+                module.to(torch.float32)
+
+    def _initialise_from(self, directory: str) -> None:
+        from lowlight.checkpoint import initialise_from  # checkpoint builds methods
+
+        modules = {path: m for path, m in self.named_modules() if path}
+        try:
+            loaded = initialise_from(directory, modules)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config key 'model.init_from': {e}") from None
+        if not loaded:
+            raise ConfigError(f"config key 'model.init_from': '{directory}' holds no weights of '{self.name}' "
+                              f"modules (<module path>.safetensors, e.g. controlnet.safetensors)")
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
-        modules = self.named_trainables()
+        modules = dict(self.named_modules())
         return {name: modules[name] for name in self.trainable_names}
 
     def load_artifacts(self, directory: Path) -> None:
@@ -123,6 +199,15 @@ class LatentDiffusionMethod(Method):
         with torch.no_grad():
             return self.bundle.encode(batch["srgb_in"])
 
+    def start_latent(self, batch: dict[str, Tensor]) -> Tensor:
+        """What partial diffusion (strength < 1) noises and starts from: the latent the method conditions on."""
+        return batch["z_in"]
+
+    def with_condition_latent(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``batch`` with z_in, encoded here when missing, so a whole sampling run encodes the input once
+        (on a 4000x6000 photo the tiled VAE encode costs as much as several denoiser steps)."""
+        return batch if "z_in" in batch else {**batch, "z_in": self.condition_latent(batch)}
+
     def prompt(self, batch: int, like: Tensor) -> Tensor:
         return self.prompt_embedding.to(like.device, self.unet.dtype).expand(batch, -1, -1)
 
@@ -133,7 +218,7 @@ class LatentDiffusionMethod(Method):
         t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=generator, device=device)
         if self.options.cond_dropout:
             keep = torch.rand(n, generator=generator, device=device) >= self.options.cond_dropout
-            hint = hint * keep.view(-1, *[1] * (hint.dim() - 1)).to(hint.dtype)
+            hint = torch.where(keep.view(-1, *[1] * (hint.dim() - 1)), hint, self.null_hint(hint))
         x_t = self.schedule.add_noise(z0, noise, t)
         out = self.denoise(x_t, t, hint).float()
         diffusion = F.mse_loss(out, self.schedule.target(z0, noise, t))
@@ -141,33 +226,41 @@ class LatentDiffusionMethod(Method):
         loss = diffusion
         if self.options.recon_weight:
             x0, _ = self.schedule.x0_eps(x_t, t, out)
-            recon = F.l1_loss(self.bundle.decode(x0), batch["srgb_gt"])
+            recon = F.l1_loss(self.decode(x0, batch), batch["srgb_gt"])
             loss = loss + self.options.recon_weight * recon
             logs["loss_recon"] = float(recon.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
 
-    def denoiser_for(self, hint: Tensor) -> Callable[[Region], Denoiser]:
-        """Region -> a denoiser over that latent region, its hint cropped to match; the unconditional
-        branch (classifier-free guidance) gets the null (zero) hint."""
+    def denoiser_for(self, condition: Condition | Tensor) -> Callable[[Region], Denoiser]:
+        """Region -> a denoiser over that latent region, the condition's hint cropped to match when it is
+        called (so a step callback's update reaches every tile); the unconditional branch (classifier-free
+        guidance) gets the null hint."""
+        condition = condition if isinstance(condition, Condition) else Condition(condition)
         s = self.hint_scale
 
         def for_region(region: Region) -> Denoiser:
             top, left, height, width = region
-            local = hint[..., top * s:(top + height) * s, left * s:(left + width) * s]
 
             def denoiser(x_t: Tensor, t: Tensor, conditional: bool) -> Tensor:
-                return self.denoise(x_t, t, local if conditional else torch.zeros_like(local)).float()
+                local = condition.hint[..., top * s:(top + height) * s, left * s:(left + width) * s]
+                return self.denoise(x_t, t, local if conditional else self.null_hint(local)).float()
 
             return denoiser
 
         return for_region
 
+    def step_callback(self, batch: dict[str, Tensor], condition: Condition) -> Callback | None:
+        """What ``predict`` runs after every sampler step (None: nothing). Condition refinement returns one
+        that refines x̂0 and updates ``condition.hint``."""
+        return None
+
     def sampler_options(self, opts: EnhanceOptions) -> SamplerOptions:
         o = self.options
+        guidance = o.guidance_scale if opts.guidance_scale is None else opts.guidance_scale
+        check_guidance(guidance, o.cond_dropout, "guidance_scale")
         return SamplerOptions(sampler=opts.sampler or o.sampler, steps=opts.steps or o.steps, eta=o.eta,
-                              guidance_scale=o.guidance_scale if opts.guidance_scale is None else opts.guidance_scale,
-                              strength=opts.strength or o.strength)
+                              guidance_scale=guidance, strength=opts.strength or o.strength)
 
     def start_noise(self, shape: tuple[int, ...], opts: EnhanceOptions, device: torch.device) -> Tensor:
         """One noise for every image of the batch, so an image's result does not depend on its batch-mates;
@@ -179,17 +272,19 @@ class LatentDiffusionMethod(Method):
 
     @torch.no_grad()
     def sample_latent(self, batch: dict[str, Tensor], opts: EnhanceOptions, callback: Callback | None = None) -> Tensor:
-        """The restored image's latent; ``callback`` sees every step (condition refinement hooks in here)."""
-        z_in, hint = self.condition_latent(batch), self.hint(batch)
-        shape = tuple(z_in.shape)
+        """The restored image's latent; ``callback`` (default: ``step_callback``) sees every step."""
+        batch = self.with_condition_latent(batch)
+        start, condition = self.start_latent(batch), Condition(self.hint(batch))
+        callback = callback or self.step_callback(batch, condition)
+        shape = tuple(start.shape)
         height, width = shape[-2:]
         tile = opts.tile or self.options.tile
-        for_region = self.denoiser_for(hint)
+        for_region = self.denoiser_for(condition)
         denoiser = (for_region((0, 0, height, width)) if max(height, width) <= tile
                     else tiled_denoiser(for_region, (height, width), tile, min(self.options.tile_overlap, tile // 2)))
-        generator = torch.Generator(device=z_in.device).manual_seed(opts.seed + 1)
-        return sample(denoiser, self.schedule, self.sampler_options(opts), self.start_noise(shape, opts, z_in.device),
-                      init=z_in, generator=generator, callback=callback)
+        generator = torch.Generator(device=start.device).manual_seed(opts.seed + 1)
+        return sample(denoiser, self.schedule, self.sampler_options(opts), self.start_noise(shape, opts, start.device),
+                      init=start, generator=generator, callback=callback)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], opts: EnhanceOptions) -> Tensor:
@@ -197,7 +292,8 @@ class LatentDiffusionMethod(Method):
         # Frozen parts in bf16/fp16 meet fp32 trainable ones (ControlNet residuals): let autocast pick.
         mixed = self.vae.dtype != torch.float32 or self.unet.dtype != torch.float32
         with torch.autocast(device.type, dtype=self.vae.dtype, enabled=mixed):
-            image = self.bundle.decode(self.sample_latent(batch, opts))
+            batch = self.with_condition_latent(batch)
+            image = self.decode(self.sample_latent(batch, opts), batch)
         # The colour reference should be a restored image (DiffBIR fixes towards its stage-1 output): a
         # pre-enhanced image when the batch has one; the dark input itself would pull the colours down.
         reference = batch.get("srgb_pre", batch["srgb_in"])

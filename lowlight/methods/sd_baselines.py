@@ -44,7 +44,7 @@ class SDConcat(LatentDiffusionMethod):
         expand_conv_in(self.unet, self.bundle.vae.config.latent_channels)
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
-        sample = torch.cat([x_t, hint], dim=1).to(self.unet.dtype)
+        sample = torch.cat([x_t, hint.to(x_t.dtype)], dim=1)
         return unet_output(self.unet, sample, t, self.prompt(x_t.shape[0], x_t))
 
 
@@ -63,9 +63,8 @@ class SDControlNet(LatentDiffusionMethod):
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
         prompt = self.prompt(x_t.shape[0], x_t)
-        control = control_residuals(self.controlnet, x_t, t, prompt.to(self.controlnet.dtype), hint,
-                                    self.options.control_scale)
-        return unet_output(self.unet, x_t.to(self.unet.dtype), t, prompt, control)
+        control = control_residuals(self.controlnet, x_t, t, prompt, hint, self.options.control_scale)
+        return unet_output(self.unet, x_t, t, prompt, control)
 
 
 @register
@@ -78,11 +77,14 @@ class LatentControlNet(LatentDiffusionMethod):
         self.controlnet = latent_controlnet(self.unet, self.bundle.vae.config.latent_channels)
 
     def hint(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.start_latent(batch)
+
+    def start_latent(self, batch: dict[str, Tensor]) -> Tensor:
+        """The stage-1 restoration's latent when the data has it (DiffBIR's condition), else the input's."""
         return batch["z_pre"] if "z_pre" in batch else self.condition_latent(batch)
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
         prompt = self.prompt(x_t.shape[0], x_t)
         sample = torch.cat([x_t, hint], dim=1)
-        control = control_residuals(self.controlnet, sample, t, prompt.to(self.controlnet.dtype), sample,
-                                    self.options.control_scale)
-        return unet_output(self.unet, x_t.to(self.unet.dtype), t, prompt, control)
+        control = control_residuals(self.controlnet, sample, t, prompt, sample, self.options.control_scale)
+        return unet_output(self.unet, x_t, t, prompt, control)

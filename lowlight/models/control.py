@@ -53,15 +53,31 @@ def latent_controlnet(unet: UNet2DConditionModel, condition_channels: int) -> Co
 
 
 def control_residuals(controlnet: ControlNetModel, sample: Tensor, t: Tensor, prompt: Tensor, hint: Tensor,
-                      scale: float) -> ControlNetOutput:
-    return controlnet(sample, t, encoder_hidden_states=prompt, controlnet_cond=hint, conditioning_scale=scale)
+                      scale: float | Tensor, cross_attention_kwargs: dict | None = None) -> ControlNetOutput:
+    """The ControlNet's residuals times ``scale`` (a number, or one per sample: AdaptBIR's w), its inputs in
+    its own dtype (a trainable ControlNet stays fp32 beside a bf16 frozen UNet). ``prompt`` is any
+    ``encoder_hidden_states`` (extra tokens included)."""
+    dtype = controlnet.dtype
+    per_sample = isinstance(scale, Tensor)
+    out = controlnet(sample.to(dtype), t, encoder_hidden_states=prompt.to(dtype), controlnet_cond=hint.to(dtype),
+                     conditioning_scale=1.0 if per_sample else scale, cross_attention_kwargs=cross_attention_kwargs)
+    if not per_sample:
+        return out
+    w = scale.to(out.mid_block_res_sample).view(-1, 1, 1, 1)
+    return ControlNetOutput(down_block_res_samples=[r * w for r in out.down_block_res_samples],
+                            mid_block_res_sample=out.mid_block_res_sample * w)
 
 
 def unet_output(unet: UNet2DConditionModel, sample: Tensor, t: Tensor, prompt: Tensor,
-                control: ControlNetOutput | None = None) -> Tensor:
-    """The denoiser's raw output (epsilon or v), with ControlNet residuals added to its skips when given."""
+                control: ControlNetOutput | None = None, cross_attention_kwargs: dict | None = None) -> Tensor:
+    """The denoiser's raw output (epsilon or v), with ControlNet residuals added to its skips when given.
+    Everything enters in the UNet's dtype, as diffusers' ControlNet training casts the residuals, so mixed
+    precision works with and without autocast. ``prompt`` is any ``encoder_hidden_states`` (extra tokens
+    included); ``cross_attention_kwargs`` reach the attention processors a method installs."""
+    dtype = unet.dtype
     extra = {}
     if control is not None:
-        extra = {"down_block_additional_residuals": control.down_block_res_samples,
-                 "mid_block_additional_residual": control.mid_block_res_sample}
-    return unet(sample, t, encoder_hidden_states=prompt, **extra).sample
+        extra = {"down_block_additional_residuals": [r.to(dtype) for r in control.down_block_res_samples],
+                 "mid_block_additional_residual": control.mid_block_res_sample.to(dtype)}
+    return unet(sample.to(dtype), t, encoder_hidden_states=prompt.to(dtype),
+                cross_attention_kwargs=cross_attention_kwargs, **extra).sample

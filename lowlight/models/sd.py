@@ -20,13 +20,15 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor
 
 from lowlight import storage
-from lowlight.config import ModelConfig
+from lowlight.config import ConfigError, ModelConfig
+from lowlight.models import prompt
+from lowlight.models.prompt import PROMPT_EMBEDDING_FILE, PROMPT_LENGTH, encode_empty_prompt
+from lowlight.models.vae_tiling import decode_sample, encode_moments, pool_group_norms
 
 TINY = "tiny"
 TINY_VERSION = "v1"
 TINY_SEED = 0
 TINY_CROSS_ATTENTION_DIM = 32
-PROMPT_LENGTH = 77  # CLIP's context length: the empty prompt is padded to it
 
 
 def cache_root() -> Path:
@@ -128,6 +130,18 @@ def fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def changed_schedule_keys(source: str, model: ModelConfig) -> list[str]:
+    """The config keys that change the bundle's prediction type or noise schedule (set to what it already
+    has is no change)."""
+    config = DDPMScheduler.load_config(source, subfolder="scheduler")
+    changed = []
+    if model.prediction_type and model.prediction_type != config.get("prediction_type", "epsilon"):
+        changed.append("model.prediction_type")
+    if model.zero_terminal_snr is not None and model.zero_terminal_snr != config.get("rescale_betas_zero_snr", False):
+        changed.append("model.zero_terminal_snr")
+    return changed
+
+
 def load_scheduler(source: str, model: ModelConfig) -> DDPMScheduler:
     """The training noise scheduler from the bundle's scheduler config (SD 1.5 ships PNDM, 2.1 DDIM: same
     betas), with the prediction type and zero-terminal-SNR overrides of the config applied."""
@@ -142,31 +156,48 @@ def load_scheduler(source: str, model: ModelConfig) -> DDPMScheduler:
     return DDPMScheduler.from_config(scheduler.config, **overrides) if overrides else scheduler
 
 
-def empty_prompt_embedding(source: str, unet: UNet2DConditionModel) -> Tensor:
-    """[1, 77, D]: the text encoder's output for "" when the bundle has one; zeros otherwise (tiny).
+def save_prompt_embedding(pretrained: str, text_encoder: str | None = None,
+                          endpoint_url: str | None = None) -> str:
+    """Write CLIP's embedding of "" (from ``text_encoder``, default ``pretrained`` itself) into the
+    ``pretrained`` directory (local or ``s3://``), so the bundle loads without its text encoder."""
+    source = resolve(pretrained, endpoint_url)
+    if pretrained == TINY or not (storage.is_remote(pretrained) or Path(pretrained).is_dir()):
+        raise ConfigError(f"'{pretrained}' is not a local or s3:// diffusers directory to save the embedding into")
+    unet_config = UNet2DConditionModel.load_config(source, subfolder="unet")
+    embedding = encode_empty_prompt(resolve(text_encoder, endpoint_url) if text_encoder else source)
+    data = prompt.to_bytes(embedding)
+    prompt.from_bytes(data, f"the text encoder of '{text_encoder or pretrained}'", unet_config["cross_attention_dim"])
+    url = storage.join(pretrained, PROMPT_EMBEDDING_FILE)
+    storage.atomic_write_bytes(url, data, endpoint_url)
+    if source != pretrained:  # the node-local copy of an s3:// bundle, which later loads read
+        storage.atomic_write_bytes(str(Path(source) / PROMPT_EMBEDDING_FILE), data)
+    return url
 
-    A local directory without ``text_encoder/`` means there is none; a hub id must provide it."""
-    local = Path(source)
-    if local.is_dir() and not (local / "text_encoder").is_dir():
+
+def bundle_prompt_embedding(pretrained: str, source: str, unet: UNet2DConditionModel) -> Tensor:
+    """[1, 77, D]. ``tiny`` has no text encoder and its UNet was never trained with one: zeros."""
+    if pretrained == TINY:
         return torch.zeros(1, PROMPT_LENGTH, unet.config.cross_attention_dim)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    return prompt.empty_prompt_embedding(pretrained, source, unet.config.cross_attention_dim)
 
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-    encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").eval()
-    tokens = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        return encoder(tokens.input_ids)[0].float()
+
+def apply_denoiser_memory_options(module: torch.nn.Module, model: ModelConfig) -> None:
+    """Attention and gradient-checkpointing switches on a UNet, a ControlNet or any diffusers model with
+    attention: what trains must get them, not only the UNet."""
+    if hasattr(module, "set_attention_slice"):
+        if model.attention == "sliced":
+            module.set_attention_slice("auto")
+        else:
+            module.set_attn_processor(AttnProcessor2_0())
+    if model.gradient_checkpointing and getattr(module, "_supports_gradient_checkpointing", False):
+        module.enable_gradient_checkpointing()
 
 
 def apply_memory_options(vae: AutoencoderKL, unet: UNet2DConditionModel, model: ModelConfig) -> None:
-    if model.attention == "sliced":
-        unet.set_attention_slice("auto")
-    else:
-        unet.set_attn_processor(AttnProcessor2_0())
-    if model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    apply_denoiser_memory_options(unet, model)
     if model.vae_tiling:
         vae.enable_tiling()
+        pool_group_norms(vae)
         if model.vae_tile:
             vae.tile_sample_min_size = model.vae_tile
             vae.tile_latent_min_size = model.vae_tile // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -184,6 +215,7 @@ class SDBundle:
     scheduler: DDPMScheduler
     prompt_embedding: Tensor
     source: str
+    vae_stats_size: int | None = None
 
     @classmethod
     def load(cls, model: ModelConfig, endpoint_url: str | None = None) -> SDBundle:
@@ -192,7 +224,8 @@ class SDBundle:
         vae = load_vae(model.pretrained, model.vae, endpoint_url)
         apply_memory_options(vae, unet, model)
         return cls(vae=vae, unet=unet, scheduler=load_scheduler(source, model),
-                   prompt_embedding=empty_prompt_embedding(source, unet), source=source)
+                   prompt_embedding=bundle_prompt_embedding(model.pretrained, source, unet), source=source,
+                   vae_stats_size=model.vae_stats_size)
 
     @classmethod
     def tiny(cls) -> SDBundle:
@@ -210,11 +243,11 @@ class SDBundle:
     def encode(self, images: Tensor) -> Tensor:
         """sRGB in [0, 1] -> scaled latents (the posterior mean, as the Parquet latents are)."""
         x = images.to(self.vae.dtype) * 2 - 1
-        return (self.vae.encode(x).latent_dist.mean * self.scaling_factor).float()
+        return (encode_moments(self.vae, x, self.vae_stats_size) * self.scaling_factor).float()
 
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> sRGB in [0, 1]."""
-        x = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample
+        x = decode_sample(self.vae, (latents / self.scaling_factor).to(self.vae.dtype), self.vae_stats_size)
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     def prompt(self, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
