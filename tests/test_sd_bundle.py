@@ -96,6 +96,20 @@ def test_overrides_and_memory_switches():
     plain = sd.SDBundle.tiny()
     assert float(plain.scheduler.alphas_cumprod[-1]) > 1e-3
     assert not plain.unet.is_gradient_checkpointing
+    # The switches change memory, not results: sliced attention and checkpointing give the same outputs
+    # and gradients as the plain UNet, sliced VAE decoding the same images.
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    outputs = []
+    for b in (bundle, plain):
+        b.unet.train()
+        out = b.unet(x, t, encoder_hidden_states=b.prompt(2, x.device, x.dtype)).sample
+        out.square().mean().backward()
+        outputs.append((out.detach(), [p.grad for p in b.unet.parameters()]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(outputs[0][1], outputs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.decode(x), plain.decode(x), rtol=1e-4, atol=1e-4)
 
 
 def test_missing_pretrained_directory_is_a_clear_error(tmp_path):
