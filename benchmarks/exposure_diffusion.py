@@ -84,12 +84,15 @@ class RunSpec:
     backbone: str
     noise: str
     seed: int
-    next_state: str | None = None  # ExposureDiffusion's variant; None: its default
+    next_state: str | None = None  # ExposureDiffusion's variants; None: its default
+    step_weights: str | None = None
 
     @property
     def label(self) -> str:
         """The row name in the tables: the method, and the variant when it is not the default."""
-        return f"{self.method}_accumulate" if self.next_state == "accumulate" else self.method
+        if self.next_state == "accumulate":
+            return f"{self.method}_accumulate"
+        return f"{self.method}_equal_weights" if self.step_weights == "equal" else self.method
 
     @property
     def setting(self) -> str:
@@ -109,6 +112,8 @@ def plan_runs(args) -> list[RunSpec]:
                 runs += [RunSpec(REG, backbone, noise, seed), RunSpec(ED, backbone, noise, seed)]
             if headline and args.accumulate_variant:
                 runs.append(RunSpec(ED, backbone, noise, args.seeds[0], next_state="accumulate"))
+            if headline and args.equal_weights_variant:
+                runs.append(RunSpec(ED, backbone, noise, args.seeds[0], step_weights="equal"))
     return runs
 
 
@@ -151,6 +156,8 @@ def run_config(cfg: Config, spec: RunSpec, args) -> Config:
         run.method.options |= {"train_steps": args.ed_train_steps, "infer_steps": args.ed_infer_steps}
         if spec.next_state:
             run.method.options["next_state"] = spec.next_state
+        if spec.step_weights:
+            run.method.options["step_weights"] = spec.step_weights
     run.train.seed, run.train.name = spec.seed, f"bench-{spec.name}"
     return run
 
@@ -165,12 +172,17 @@ def finished_run(cfg: Config) -> dict | None:
     return {"checkpoint": str(final), "seconds": None, "images_per_s": metrics.get("images_per_s")}
 
 
-def train_run(cfg: Config) -> dict:
-    """Train from scratch (a leftover run of the same name would resume and finish at once)."""
-    shutil.rmtree(Path(cfg.train.storage_path) / cfg.train.name, ignore_errors=True)
+def train_run(cfg: Config, resume: bool) -> dict:
+    """Train from scratch, or with ``resume`` continue an unfinished run of the same name from its
+    latest checkpoint (its wall time then covers only this part, so it is not reported)."""
+    run_dir = Path(cfg.train.storage_path) / cfg.train.name
+    resumed = resume and any(run_dir.glob("checkpoint_*"))
+    if not resumed:
+        shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     result = train(cfg)
-    return {"checkpoint": result.checkpoint, "seconds": time.perf_counter() - start,
+    return {"checkpoint": result.checkpoint,
+            "seconds": None if resumed else time.perf_counter() - start,
             "images_per_s": result.metrics.get("images_per_s")}
 
 
@@ -364,6 +376,8 @@ def main() -> None:
                    help="training seeds of the headline setting")
     p.add_argument("--no-accumulate-variant", dest="accumulate_variant", action="store_false",
                    help="skip the paper's Eq. 10 next-state run of the headline setting")
+    p.add_argument("--equal-weights-variant", action="store_true",
+                   help="also train the headline setting with equal per-step loss weights (seed 0)")
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=8, help="per worker")
     p.add_argument("--lr", type=float, default=1e-3, help="peak lr (cosine decay to 0)")
@@ -392,7 +406,8 @@ def main() -> None:
                    help="work folder (samples, Parquet, runs, cached evaluations)")
     p.add_argument("--json", default=str(RESULTS_DIR / "exposure_diffusion.json"), help="result file")
     p.add_argument("--reuse-runs", action="store_true",
-                   help="evaluate runs under --out that already finished --steps instead of retraining them")
+                   help="evaluate runs under --out that already finished --steps and continue unfinished "
+                        "ones from their latest checkpoint, instead of retraining them")
     args = p.parse_args()
     args.val_every = args.val_every or max(1, args.steps // 10)
     if args.sweep_steps < args.ed_infer_steps:
@@ -419,8 +434,9 @@ def main() -> None:
         if not reused:
             print(f"training {spec.name}: {args.steps} steps, batch {args.batch_size} x "
                   f"{args.num_workers} workers")
-        runs[spec.name] = reused or train_run(run_cfg)
-        took = "reused" if reused else f"{runs[spec.name]['seconds']:.1f} s"
+        runs[spec.name] = reused or train_run(run_cfg, resume=args.reuse_runs)
+        seconds = runs[spec.name]["seconds"]
+        took = "reused" if reused else "resumed" if seconds is None else f"{seconds:.1f} s"
         print(f"{spec.name}: {took}, checkpoint {runs[spec.name]['checkpoint']}")
     ray.shutdown()
 

@@ -184,17 +184,24 @@ def test_flips_move_input_and_target_together():
     assert not torch.equal(short.target, b["raw_gt"])
 
 
-def test_learned_step_weights_train_the_last_step():
-    """The released --adaptive_loss: weights start at 1/3; d loss / d w_t = L_t - L_last."""
+def test_learned_step_weights_move_to_the_best_step_and_never_go_negative():
+    """Equal weights at the start (as the released --adaptive_loss); d loss / d logit_t = w_t (L_t - mean L),
+    so the weight flows to the lowest loss; far from the start they still form a convex combination (the
+    released form's last weight, 1 - sum w, goes negative and turns the loss into one to maximise)."""
     method = make(train_steps=3)
-    torch.testing.assert_close(method.step_weights.detach(), torch.full((2,), 1 / 3))
     loss, logs = method.loss(batch(), torch.Generator().manual_seed(0))
-    steps = [logs[f"loss_step{t}"] for t in range(3)]
-    assert abs(logs["loss"] - sum(steps) / 3) < 1e-5
+    steps = torch.tensor([logs[f"loss_step{t}"] for t in range(3)])
+    assert abs(logs["loss"] - float(steps.mean())) < 1e-5
     loss.backward()
-    expected = torch.tensor([steps[0] - steps[2], steps[1] - steps[2]])
-    torch.testing.assert_close(method.step_weights.grad, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(method.step_weights.grad, (steps - steps.mean()) / 3, atol=1e-5, rtol=1e-4)
     assert all(p.grad is not None for p in method.parameters())
+
+    with torch.no_grad():
+        method.step_weights.copy_(torch.tensor([5.0, 4.0, -3.0]))
+    _, logs = method.loss(batch(), torch.Generator().manual_seed(0))
+    weights = [logs[f"weight_step{t}"] for t in range(3)]
+    assert min(weights) >= 0 and abs(sum(weights) - 1) < 1e-6
+    assert abs(logs["loss"] - sum(w * logs[f"loss_step{t}"] for t, w in enumerate(weights))) < 1e-5
 
     equal = make(train_steps=3, step_weights="equal")
     assert equal.step_weights is None
