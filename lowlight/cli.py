@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -188,8 +189,6 @@ def run(config: ConfigOpt = "sample_raw", set_: SetOpt = None) -> None:
 
     Each step resumes: finished samples, a fitted VAE, committed shards and finished runs are kept.
     """
-    from pathlib import Path
-
     from lowlight.data.preprocess import preprocess as run_preprocess
     from lowlight.data.samples import build_samples, configured_photos
     from lowlight.fit_vae import fit_vae as run_fit
@@ -212,13 +211,69 @@ def run(config: ConfigOpt = "sample_raw", set_: SetOpt = None) -> None:
     typer.echo(summary.line())
     typer.echo(f"Parquet: {summary.output}")
     results = {}
-    for method in (cfg.method.name, "regression"):
+    for method, run_dir in main_job_runs(cfg):
         typer.echo(f"[4/4] training {method} ({cfg.train.steps} steps, {cfg.method.backbone}) with Ray Train")
         run_cfg = cfg.model_copy(deep=True)
-        run_cfg.method.name, run_cfg.train.name, run_cfg.train.data = method, f"{cfg.train.name}-{method}", summary.output
+        run_cfg.method.name, run_cfg.train.name, run_cfg.train.data = method, run_dir.name, summary.output
         results[method] = run_train(run_cfg)
         typer.echo(f"checkpoint ({method}): {results[method].checkpoint}")
     typer.echo(comparison_table(results))
+
+
+def main_job_runs(cfg: Config) -> list[tuple[str, Path]]:
+    """(method, run directory) of what `lowlight run` trains: the configured method and the regression
+    baseline; `lowlight serve` serves these when given no checkpoint."""
+    return [(method, Path(cfg.train.storage_path) / f"{cfg.train.name}-{method}")
+            for method in (cfg.method.name, "regression")]
+
+
+def run_checkpoints() -> list[Path]:
+    return [run_dir for _, run_dir in main_job_runs(_config("sample_raw", None))]
+
+
+@app.command()
+def serve(checkpoint: Annotated[list[str] | None, typer.Option(
+              help="checkpoint or run directory (local or s3://); repeat to serve several (default: what "
+                   "`lowlight run` trained)")] = None,
+          config: Annotated[str | None, typer.Option(
+              help="serve deploy config whose application args to use (e.g. serve/config.yaml)")] = None,
+          host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the demo to the network")]
+          = "127.0.0.1",
+          port: int = 8000,
+          auth: Annotated[str | None, typer.Option(help="'user:password' for the Gradio page")] = None) -> None:
+    """Ray Serve: the HTTP API and the Gradio demo for trained checkpoints, on a local Ray (or RAY_ADDRESS)."""
+    import time
+
+    from pydantic import ValidationError
+
+    from lowlight import storage
+    from lowlight.config import RayConfig
+    from lowlight.enhance import local_checkpoint
+    from lowlight.raycluster import ensure_ray
+    from lowlight.serving.app import start
+    from lowlight.serving.settings import ServeArgs, application_args, models_from_checkpoints
+
+    args = application_args(Path(config)) if config else {}
+    if checkpoint or not args.get("models"):
+        args["models"] = [m.model_dump() for m in models_from_checkpoints(checkpoint or [str(p) for p in run_checkpoints()])]
+    if auth:
+        args.setdefault("ui", {})["auth"] = auth
+    try:
+        settings = ServeArgs.model_validate(args)
+        for entry in settings.models:
+            if not storage.is_remote(entry.checkpoint):
+                local_checkpoint(entry.checkpoint)
+    except (ValidationError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    ensure_ray(RayConfig())
+    url = start(settings, host=host, port=port)
+    typer.echo(f"serving {', '.join(m.name for m in settings.models)}: API {url}docs, demo {url}ui  (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopped")
 
 
 def comparison_table(results: dict) -> str:

@@ -48,11 +48,16 @@ class EnhanceReport:
 
 
 def local_checkpoint(checkpoint: str, endpoint_url: str | None = None) -> Path:
-    """A local directory for a checkpoint given as a path or an s3:// URL (downloaded once)."""
+    """A local directory for a checkpoint given as a path or an s3:// URL (downloaded once). A local run
+    directory (``train.storage_path/train.name``) stands for its latest checkpoint."""
     if not storage.is_remote(checkpoint):
         path = Path(checkpoint)
         if not (path / "config.yaml").exists():
-            raise FileNotFoundError(f"'{checkpoint}' is not a checkpoint directory (no config.yaml)")
+            latest = sorted(path.glob("checkpoint_*/config.yaml"))
+            if not latest:
+                raise FileNotFoundError(f"'{checkpoint}' is neither a checkpoint directory (no config.yaml) "
+                                        "nor a run directory with checkpoints")
+            path = latest[-1].parent
         return path
     local = cache_root() / "checkpoints" / hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
     if not local.exists():
@@ -106,20 +111,74 @@ def pad_images(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch
     return out
 
 
+@dataclass
+class Prepared:
+    """One decoded input, padded for the networks; ``height``/``width`` are the sRGB size to crop back to."""
+
+    batch: dict[str, torch.Tensor]
+    height: int
+    width: int
+    ratio: float | None
+
+    def shape_key(self) -> tuple:
+        """Inputs with equal keys stack into one batch."""
+        return tuple(sorted((k, tuple(v.shape[1:])) for k, v in self.batch.items()))
+
+
+class Enhancer:
+    """A checkpoint loaded once onto a device (the CLI builds one per call, a serving replica one for its
+    life): ``prepare`` decodes a file into the method's columns, ``run`` enhances inputs of one shape as
+    a batch."""
+
+    def __init__(self, checkpoint: str, device: str | None = None, endpoint_url: str | None = None):
+        self.directory = local_checkpoint(checkpoint, endpoint_url)
+        self.cfg, self.method = load_method(self.directory)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.method.to(self.device)
+        self.endpoint_url = endpoint_url
+
+    def prepare(self, data: bytes, name: str, ratio: float | None = None, iso: float | None = None) -> Prepared:
+        batch, used_ratio = load_batch(data, name, self.method, ratio, iso)
+        height, width = (batch["srgb_in"].shape[-2:] if "srgb_in" in batch
+                         else tuple(2 * s for s in batch["raw_in"].shape[-2:]))
+        return Prepared(pad_images(batch, PAD), int(height), int(width), used_ratio)
+
+    @torch.no_grad()
+    def run(self, inputs: list[Prepared], opts: EnhanceOptions) -> list[np.ndarray]:
+        """HWC float32 sRGB in [0, 1], one per input; all inputs must share ``shape_key``."""
+        if len({p.shape_key() for p in inputs}) != 1:
+            raise ValueError("Enhancer.run: inputs of different shapes cannot form one batch")
+        batch = {k: torch.cat([p.batch[k] for p in inputs]).to(self.device) for k in inputs[0].batch}
+        cfg = self.cfg
+        if cfg.preprocess.pre_restore and set(STAGE1_COLUMNS) & set(self.method.optional_columns_for(cfg.method)):
+            batch = with_stage1(batch, cfg.preprocess.pre_restore, self.method.bundle.encode, self.endpoint_url)
+        return crop_outputs(self.method.enhance(batch, opts), inputs)
+
+
+    @torch.no_grad()
+    def input_preview(self, prepared: Prepared) -> np.ndarray:
+        """The input as the method sees it, in sRGB (a RAW amplified by its ratio and rendered with its own
+        white balance and colour matrix): the 'before' of a comparison."""
+        batch = {k: v.to(self.device) for k, v in prepared.batch.items()}
+        return crop_outputs(self.method.to_srgb(self.method.degraded(batch), batch), [prepared])[0]
+
+
+def crop_outputs(images: torch.Tensor, inputs: list[Prepared]) -> list[np.ndarray]:
+    """Undo the padding: HWC float32 arrays. A raw method renders its packed Bayer planes, so its output
+    is half the sensor's size; the crop scales with the output."""
+    padded = inputs[0].batch.get("srgb_in")
+    padded_height = padded.shape[-2] if padded is not None else 2 * inputs[0].batch["raw_in"].shape[-2]
+    scale = images.shape[-2] / padded_height
+    return [np.ascontiguousarray(image[:, :round(p.height * scale), :round(p.width * scale)]
+                                 .permute(1, 2, 0).float().cpu().numpy()) for image, p in zip(images, inputs, strict=True)]
+
+
 def enhance_file(checkpoint: str, input_path: str, output_path: str, opts: EnhanceOptions | None = None, *,
                  ratio: float | None = None, iso: float | None = None, device: str | None = None,
                  endpoint_url: str | None = None) -> EnhanceReport:
     tick = time.perf_counter()
-    cfg, method = load_method(local_checkpoint(checkpoint, endpoint_url))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    method.to(device)
-    batch, used_ratio = load_batch(storage.read_bytes(input_path, endpoint_url), input_path, method, ratio, iso)
-    height, width = (batch["srgb_in"].shape[-2:] if "srgb_in" in batch
-                     else tuple(2 * s for s in batch["raw_in"].shape[-2:]))
-    padded = {k: v.to(device) for k, v in pad_images(batch, PAD).items()}
-    if cfg.preprocess.pre_restore and set(STAGE1_COLUMNS) & set(method.optional_columns_for(cfg.method)):
-        padded = with_stage1(padded, cfg.preprocess.pre_restore, method.bundle.encode, endpoint_url)
-    image = method.enhance(padded, opts or EnhanceOptions())[0, :, :height, :width]
-    png = encode_png(np.ascontiguousarray(image.permute(1, 2, 0).float().cpu().numpy()), bits=8)
-    storage.atomic_write_bytes(output_path, png, endpoint_url)
-    return EnhanceReport(output_path, int(height), int(width), used_ratio, time.perf_counter() - tick)
+    enhancer = Enhancer(checkpoint, device, endpoint_url)
+    prepared = enhancer.prepare(storage.read_bytes(input_path, endpoint_url), input_path, ratio, iso)
+    (image,) = enhancer.run([prepared], opts or EnhanceOptions())
+    storage.atomic_write_bytes(output_path, encode_png(image, bits=8), endpoint_url)
+    return EnhanceReport(output_path, image.shape[0], image.shape[1], prepared.ratio, time.perf_counter() - tick)

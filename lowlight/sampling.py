@@ -208,12 +208,12 @@ def ddim_update(x0: Tensor, eps: Tensor, alpha: float, alpha_prev: float, eta: f
 
 def sample(denoiser: Denoiser, schedule: NoiseSchedule, opts: SamplerOptions, noise: Tensor, *,
            init: Tensor | None = None, generator: torch.Generator | None = None,
-           callback: Callback | None = None) -> Tensor:
+           callback: Callback | None = None, progress: Callable[[int, int], None] | None = None) -> Tensor:
     """Run the sampler and return the x̂0 latent predicted at the last step.
 
     ``noise`` is x_T when ``opts.strength == 1`` (``init`` is then unused), else the ε that noises ``init``
     to the first kept timestep. ``generator`` drives the stochastic steps (DDPM, DDIM with η > 0); the
-    global RNG is used when it is None.
+    global RNG is used when it is None. ``progress`` hears (steps done, steps in all) after each step.
     """
     if opts.strength < 1:
         if init is None:
@@ -238,6 +238,8 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, opts: SamplerOptions, no
                     raise ValueError(f"callback returned x0 of shape {tuple(replacement.shape)}, "
                                      f"expected {tuple(x0.shape)}")
                 x0 = replacement
+        if progress is not None:
+            progress(index + 1, len(timesteps))
         if index + 1 < len(timesteps):
             alpha = float(schedule.alphas_cumprod[timestep])
             alpha_prev = float(schedule.alphas_cumprod[timesteps[index + 1]])

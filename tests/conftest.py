@@ -110,3 +110,44 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def served_checkpoints(fitted_vae, tmp_path_factory) -> dict[str, Path]:
+    """Untrained checkpoints in the real format (what serving needs is loading, not quality): a raw
+    regression and an sRGB latent ControlNet on the tiny bundle with the fitted VAE."""
+    from lowlight import checkpoint
+    from lowlight.config import load_config
+    from lowlight.methods import build_method
+
+    root = tmp_path_factory.mktemp("served")
+    specs = {"raw": ("sample_raw", ["method.name=regression", "method.backbone=nafnet-l4-w8"], 4),
+             "srgb": ("sample_srgb", ["method.name=lacontrolnet", "method.options.steps=2"], 3)}
+    out = {}
+    for domain, (preset, overrides, channels) in specs.items():
+        cfg = load_config(preset, [f"model.vae={fitted_vae}", *overrides])
+        method = build_method(cfg.method, channels, cfg.model)
+        out[domain] = root / domain / "checkpoint_0000000"
+        checkpoint.save(out[domain], cfg, method, channels, {"step": 0, "val_psnr": 20.0})
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, served_checkpoints, sample_root):
+    """One Serve application (API + Gradio) on 127.0.0.1 for the session; test limits are small so the
+    limit checks need no large files."""
+    from ray import serve
+
+    from lowlight.serving.app import start
+    from lowlight.serving.settings import ServeArgs
+
+    settings = ServeArgs.model_validate({
+        "models": [{"name": "raw-regression", "checkpoint": str(served_checkpoints["raw"])},
+                   {"name": "srgb-lacontrolnet", "checkpoint": str(served_checkpoints["srgb"])}],
+        "limits": {"max_bytes": 2_000_000, "max_pixels": 400_000, "max_steps": 20},
+        # Replicas take no CPU from the accounting, so the session's Train tests still find theirs.
+        "model_deployment": {"num_cpus": 0, "max_queued_requests": 64, "health_check_period_s": 1},
+        "ui": {"examples": [str(sample_root / "raw" / "*" / "short" / "*.dng")]}})
+    url = start(settings, port=free_port())
+    yield url, settings
+    serve.shutdown()

@@ -6,7 +6,7 @@ needs, how to build it, its training loss on a batch, and how it enhances images
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +37,7 @@ class EnhanceOptions:
     tile: int | None = None  # latent pixels per denoiser tile
     color_fix: str | None = None
     initial_noise: Tensor | None = None  # overrides the searched/seeded start noise (boundary-condition search)
+    progress: Callable[[int, int], None] | None = None  # called (steps done, steps in all) after each step
 
 
 class Method(nn.Module):
@@ -64,6 +65,11 @@ class Method(nn.Module):
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """Modules saved as one safetensors file each."""
         return {"model": self}
+
+    def enhance_defaults(self) -> dict[str, object]:
+        """The ``EnhanceOptions`` fields this method honours (besides ``seed``), with its configured values:
+        what a user interface offers for it."""
+        return {}
 
     def load_artifacts(self, directory: Path) -> None:
         """Read what was added to a checkpoint after training (e.g. a searched initial noise)."""

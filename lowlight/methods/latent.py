@@ -262,6 +262,11 @@ class LatentDiffusionMethod(Method):
         return SamplerOptions(sampler=opts.sampler or o.sampler, steps=opts.steps or o.steps, eta=o.eta,
                               guidance_scale=guidance, strength=opts.strength or o.strength)
 
+    def enhance_defaults(self) -> dict[str, object]:
+        o = self.options
+        return {"steps": o.steps, "guidance_scale": o.guidance_scale, "sampler": o.sampler, "strength": o.strength,
+                "tile": o.tile, "color_fix": o.color_fix}
+
     def start_noise(self, shape: tuple[int, ...], opts: EnhanceOptions, device: torch.device) -> Tensor:
         """One noise for every image of the batch, so an image's result does not depend on its batch-mates;
         the searched noise (or ``opts.initial_noise``) when there is one, else the seed's."""
@@ -284,7 +289,7 @@ class LatentDiffusionMethod(Method):
                     else tiled_denoiser(for_region, (height, width), tile, min(self.options.tile_overlap, tile // 2)))
         generator = torch.Generator(device=start.device).manual_seed(opts.seed + 1)
         return sample(denoiser, self.schedule, self.sampler_options(opts), self.start_noise(shape, opts, start.device),
-                      init=start, generator=generator, callback=callback)
+                      init=start, generator=generator, callback=callback, progress=opts.progress)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Tensor], opts: EnhanceOptions) -> Tensor:
