@@ -87,7 +87,7 @@ def build_ui(router: Router, infos: dict[str, dict], settings: ServeArgs) -> gr.
             with gr.Column():
                 model = gr.Dropdown(router.names, value=router.names[0], label="Model")
                 about = gr.Markdown(describe(first))
-                upload = gr.File(label="Upload an image or RAW file", type="filepath")
+                upload = gr.File(label="Upload an image or RAW file", type="filepath", elem_id="upload")
                 example = gr.Dropdown(list(examples), value=None, label="...or pick a sample file")
                 steps = gr.Slider(1, min(settings.limits.max_steps, 100), step=1, label="Steps",
                                   value=first["options"].get("steps") or 1, visible="steps" in first["options"])
@@ -99,11 +99,11 @@ def build_ui(router: Router, infos: dict[str, dict], settings: ServeArgs) -> gr.
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 color_fix = gr.Radio([AUTO, "none", "adain", "wavelet"], value=AUTO, label="Colour fix",
                                      visible="color_fix" in first["options"])
-                go = gr.Button("Enhance", variant="primary")
+                go = gr.Button("Enhance", variant="primary", elem_id="enhance")
             with gr.Column():
-                compare = gr.ImageSlider(label="Before / after", type="filepath")
-                scores = gr.JSON(label="No-reference scores")
-                download = gr.File(label="Download the result")
+                compare = gr.ImageSlider(label="Before / after", type="filepath", elem_id="compare")
+                scores = gr.JSON(label="No-reference scores", elem_id="scores")
+                download = gr.File(label="Download the result", elem_id="download")
                 details = gr.JSON(label="Run")
         model.change(controls, model, [about, steps, guidance, ratio, color_fix])
         go.click(run, [model, upload, example, steps, guidance, ratio, seed, color_fix],
