@@ -15,6 +15,11 @@ run: $(STAMP)
 test: $(STAMP) $(if $(wildcard tests/e2e/test_browser*.py),browser) qt-rcc
 	$(PY) -m pytest -q
 
+# The API and the Gradio demo for the checkpoints `make run` trained (Ctrl-C stops).
+.PHONY: demo
+demo: $(STAMP)
+	$(VENV)/bin/lowlight serve
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lowlight workflows serve tests benchmarks
 

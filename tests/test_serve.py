@@ -130,3 +130,15 @@ def test_serve_config_passes_serves_schema_and_names_what_exists():
     assert [m.checkpoint for m in args.models] == [str(p) for p in run_checkpoints()]
     samples = load_config("sample_raw").samples.out
     assert args.ui.examples and all(pattern.startswith(samples + "/") for pattern in args.ui.examples)
+
+
+def test_serve_command_names_a_missing_checkpoint_and_names_models_after_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowlight.cli import app
+    from lowlight.serving.settings import models_from_checkpoints
+
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "no-such-run")])
+    assert result.exit_code == 2 and "no-such-run" in result.output
+    names = [m.name for m in models_from_checkpoints(["out/runs/a/checkpoint_0000300", "out/runs/a", "s3://b/runs/c/"])]
+    assert names == ["a", "a-2", "c"]
