@@ -178,6 +178,46 @@ def bundle(pretrained: Annotated[str, typer.Argument(help="diffusers directory (
     typer.echo(f"empty-prompt embedding: {url}")
 
 
+@app.command()
+def evaluate(checkpoint: Annotated[list[str], typer.Option(help="checkpoint or run directory; repeat for several")],
+             data: Annotated[str, typer.Option(help="a preprocessed Parquet folder, or a dataset root (then "
+                                                    "--set dataset.layout=... and it is preprocessed first)")],
+             out: Annotated[str, typer.Option(help="report folder (scores are cached there: re-runs resume)")]
+             = "out/eval",
+             split: str = "test",
+             set_: SetOpt = None,
+             steps: Annotated[int | None, typer.Option(help="sampler/exposure steps (default: each model's)")] = None,
+             guidance: Annotated[float | None, typer.Option(help="classifier-free guidance ω")] = None,
+             weights_dir: Annotated[str | None, typer.Option(help="where `lowlight weights` put metric weights")]
+             = None,
+             ls: Annotated[bool, typer.Option(help="also raw PSNR/SSIM after the least-squares brightness fit")]
+             = True,
+             batch_size: int = 4, actors: int = 1, seed: int = 0) -> None:
+    """Score checkpoints on a split with Ray Data and write report.html and report.md."""
+    from lowlight.evaluate import EvalSettings, evaluate_data
+
+    options = {k: v for k, v in {"steps": steps, "guidance_scale": guidance}.items() if v is not None}
+    settings = EvalSettings(split=split, batch_size=batch_size, actors=actors, ls_correction=ls,
+                            weights_dir=weights_dir, seed=seed, options=options)
+    try:
+        summary = evaluate_data(checkpoint, data, out, settings, set_ or [], progress=typer.echo)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(Path(summary["report_md"]).read_text().split("## Protocol")[0].strip())
+    typer.echo(f"report: {summary['report_html']}")
+
+
+@app.command()
+def weights(out: Annotated[str, typer.Option(help="folder for the metric weights (torch hub layout)")]) -> None:
+    """Download the weights of LPIPS, NIQE, MUSIQ, MANIQA and CLIP-IQA (needs the internet); pass the folder
+    to `lowlight evaluate --weights-dir`."""
+    from lowlight.iqa import fetch_weights
+
+    for name, status in fetch_weights(out).items():
+        typer.echo(f"{name}: {status}")
+
+
 def main() -> None:
     app(sys.argv[1:])
 
@@ -185,39 +225,47 @@ def main() -> None:
 @app.command()
 def run(config: ConfigOpt = "sample_raw", set_: SetOpt = None) -> None:
     """The main job on the embedded default: sample dataset -> fitted tiny VAE -> Parquet ->
-    ExposureDiffusion and the regression baseline trained with the same budget -> PSNR/SSIM table.
+    ExposureDiffusion and the regression baseline trained with the same budget -> PSNR/SSIM table ->
+    evaluation report (HTML + Markdown) of both on the test split.
 
     Each step resumes: finished samples, a fitted VAE, committed shards and finished runs are kept.
     """
     from lowlight.data.preprocess import preprocess as run_preprocess
     from lowlight.data.samples import build_samples, configured_photos
+    from lowlight.evaluate import EvalSettings
+    from lowlight.evaluate import evaluate as run_evaluate
     from lowlight.fit_vae import fit_vae as run_fit
     from lowlight.train import train as run_train
 
     cfg = _config(config, set_)
-    typer.echo(f"[1/4] sample dataset -> {cfg.samples.out}")
+    typer.echo(f"[1/5] sample dataset -> {cfg.samples.out}")
     build_samples(cfg.samples.out, photos=configured_photos(cfg.samples), seed=cfg.samples.seed,
                   max_side=cfg.samples.max_side)
     if cfg.model.vae and not (Path(cfg.model.vae) / "config.json").exists():
-        typer.echo(f"[2/4] fitting the VAE -> {cfg.model.vae}")
+        typer.echo(f"[2/5] fitting the VAE -> {cfg.model.vae}")
         cfg.fit_vae.out = cfg.model.vae
         report = run_fit(cfg.model_copy(update={"model": cfg.model.model_copy(update={"vae": None})}),
                          f"{cfg.samples.out}/lol")
         typer.echo(f"      reconstruction PSNR {report['recon_psnr_db']} dB in {report['seconds']} s")
     else:
-        typer.echo(f"[2/4] VAE: {cfg.model.vae or cfg.model.pretrained} (already there)")
-    typer.echo(f"[3/4] preprocessing {cfg.dataset.layout} at {cfg.dataset.root} with Ray Data")
+        typer.echo(f"[2/5] VAE: {cfg.model.vae or cfg.model.pretrained} (already there)")
+    typer.echo(f"[3/5] preprocessing {cfg.dataset.layout} at {cfg.dataset.root} with Ray Data")
     summary = run_preprocess(cfg)
     typer.echo(summary.line())
     typer.echo(f"Parquet: {summary.output}")
     results = {}
     for method, run_dir in main_job_runs(cfg):
-        typer.echo(f"[4/4] training {method} ({cfg.train.steps} steps, {cfg.method.backbone}) with Ray Train")
+        typer.echo(f"[4/5] training {method} ({cfg.train.steps} steps, {cfg.method.backbone}) with Ray Train")
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.method.name, run_cfg.train.name, run_cfg.train.data = method, run_dir.name, summary.output
         results[method] = run_train(run_cfg)
         typer.echo(f"checkpoint ({method}): {results[method].checkpoint}")
     typer.echo(comparison_table(results))
+    eval_out = Path(cfg.train.storage_path).parent / "eval" / cfg.train.name
+    typer.echo(f"[5/5] evaluating both on the test split with Ray Data -> {eval_out}")
+    evaluation = run_evaluate([r.checkpoint for r in results.values()], summary.output, eval_out, EvalSettings(),
+                              progress=typer.echo)
+    typer.echo(f"report: {evaluation['report_html']}")
 
 
 def main_job_runs(cfg: Config) -> list[tuple[str, Path]]:

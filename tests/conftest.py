@@ -151,3 +151,26 @@ def serve_app(ray_local, served_checkpoints, sample_root):
     url = start(settings, port=free_port())
     yield url, settings
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def raw_checkpoints(served_checkpoints, fitted_vae, tmp_path_factory):
+    """The served raw regression and an untrained ExposureDiffusion, saved the real way."""
+    from lowlight import checkpoint
+    from lowlight.config import load_config
+    from lowlight.methods import build_method
+
+    cfg = load_config("sample_raw", [f"model.vae={fitted_vae}", "method.backbone=nafnet-l4-w8"])
+    ed = tmp_path_factory.mktemp("eval-runs") / "sample-exposure_diffusion" / "checkpoint_0000000"
+    checkpoint.save(ed, cfg, build_method(cfg.method, 4, cfg.model), 4, {"step": 0})
+    return [str(served_checkpoints["raw"]), str(ed)]
+
+
+@pytest.fixture(scope="session")
+def evaluated(ray_local, raw_data, raw_checkpoints, tmp_path_factory):
+    """Both raw checkpoints scored on the raw test split, with a report (one metric needs absent weights)."""
+    from lowlight.evaluate import EvalSettings, evaluate
+
+    out = tmp_path_factory.mktemp("eval")
+    settings = EvalSettings(metrics=("fsim", "piqe", "lpips"), preview_rows=2, batch_size=2)
+    return out, settings, evaluate(raw_checkpoints, str(raw_data), out, settings, progress=lambda _: None)

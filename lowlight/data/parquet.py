@@ -130,7 +130,7 @@ def read_split(url: str, split: str, columns: list[str], endpoint_url: str | Non
     tables = []
     for path in storage.listdir(url, "part-*.parquet", endpoint_url):
         with storage.filesystem(path, endpoint_url).open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "split", *columns])
+            table = pq.read_table(f, columns=list(dict.fromkeys(["id", "split", *columns])))
         tables.append(table.filter(pc.equal(table.column("split"), split)))
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise ValueError(f"no rows of split '{split}' under '{url}'")

@@ -1,5 +1,6 @@
-"""The Gradio demo in a real headless Chromium: upload a sample RAW file, run the model, and see the
-before/after images and the scores appear. The screenshot is kept as a test artefact."""
+"""In a real headless Chromium: the Gradio demo (upload a sample RAW file, run the model, see the
+before/after images and the scores) and the evaluation report (its table and image grid, opened from
+the file without a server). Screenshots are kept as test artefacts."""
 
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 pytestmark = pytest.mark.e2e
 
 
+def chromium() -> str:
+    path = shutil.which("chromium")
+    assert path, "Debian chromium is needed (make test installs it)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_demo_page_enhances_an_uploaded_raw_file(serve_app, sample_root):
     from playwright.sync_api import expect, sync_playwright
 
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian chromium is needed (make test installs it)"
     url, _ = serve_app
     dng = min(sample_root.glob("raw/*/short/*.dng"))
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url + "ui/")
@@ -43,5 +48,26 @@ def test_demo_page_enhances_an_uploaded_raw_file(serve_app, sample_root):
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
             raise
+        finally:
+            browser.close()
+
+
+def test_evaluation_report_renders_with_its_table_and_image_grid(evaluated):
+    from playwright.sync_api import expect, sync_playwright
+
+    out, _, _ = evaluated
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto((out / "report.html").resolve().as_uri())
+            expect(page.locator("#scores tbody tr")).to_have_count(2)
+            expect(page.locator("#scores")).to_contain_text("exposure_diffusion")
+            images = page.locator("#grid img")
+            expect(images.first).to_be_visible()
+            widths = images.evaluate_all("els => els.map(e => e.complete && e.naturalWidth)")
+            # 2 rows x (input, 2 methods, ground truth) x (image, zoom)
+            assert len(widths) == 16 and all(w and w > 0 for w in widths), widths
+            page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         finally:
             browser.close()
