@@ -209,6 +209,27 @@ def evaluate(checkpoint: Annotated[list[str], typer.Option(help="checkpoint or r
 
 
 @app.command()
+def tune(config: Annotated[str, typer.Option("--config", "-c", help="sweep file (see lowlight/configs/sweeps/)")]
+         ) -> None:
+    """Ray Tune: a training sweep (ASHA by default) and/or an inference sweep (ω, steps) of checkpoints;
+    relaunching a killed sweep resumes it."""
+    from lowlight.tune import load_sweep, run_sweep
+
+    try:
+        outputs = run_sweep(load_sweep(config), progress=typer.echo)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    for kind in ("trials", "best", "inference"):
+        if kind in outputs:
+            typer.echo(f"{kind}: {outputs[kind]}")
+            if kind != "best":
+                typer.echo(Path(outputs[kind]).read_text())
+    for plot in outputs.get("plots", []):
+        typer.echo(f"plot: {plot}")
+
+
+@app.command()
 def weights(out: Annotated[str, typer.Option(help="folder for the metric weights (torch hub layout)")]) -> None:
     """Download the weights of LPIPS, NIQE, MUSIQ, MANIQA and CLIP-IQA (needs the internet); pass the folder
     to `lowlight evaluate --weights-dir`."""

@@ -328,7 +328,8 @@ def report(cfg: Config, method: Method, info: dict, metrics: dict, rank: int, st
                          checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
 
 
-def run_config(cfg: Config) -> RunConfig:
+def run_config(cfg: Config, callbacks: list | None = None) -> RunConfig:
+    """``callbacks``: e.g. Tune's ``TuneReportCallback`` when a sweep trial drives this run."""
     tc = cfg.train
     if storage.is_remote(tc.storage_path):
         fs, path = storage.arrow_filesystem(tc.storage_path, cfg.storage.endpoint_url)
@@ -336,7 +337,7 @@ def run_config(cfg: Config) -> RunConfig:
         fs, path = None, str(Path(tc.storage_path).resolve())
     return RunConfig(name=tc.name, storage_path=path, storage_filesystem=fs,
                      checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
-                     failure_config=FailureConfig(max_failures=tc.max_failures))
+                     failure_config=FailureConfig(max_failures=tc.max_failures), callbacks=callbacks)
 
 
 def train_datasets(cfg: Config, columns: list[str]) -> dict[str, ray.data.Dataset]:
@@ -353,7 +354,7 @@ def data_config() -> DataConfig:
     return DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True))
 
 
-def build_trainer(cfg: Config) -> TorchTrainer:
+def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     info = preflight(cfg)
     check_data_cpus(cfg)
     tc = cfg.train
@@ -362,7 +363,7 @@ def build_trainer(cfg: Config) -> TorchTrainer:
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "info": info},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=run_config(cfg),
+        run_config=run_config(cfg, callbacks),
         datasets=train_datasets(cfg, info["columns"]),
         dataset_config=data_config(),
     )

@@ -101,6 +101,19 @@ def raw_data(ray_local, sample_root, fitted_vae, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def srgb_data(ray_local, sample_root, fitted_vae, tmp_path_factory) -> Path:
+    """LOL-shaped sample set -> 64 px crops with latents made by the fitted tiny VAE."""
+    from lowlight.config import load_config
+    from lowlight.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("sd-data") / "srgb"
+    preprocess(load_config("sample_srgb", [f"dataset.root={sample_root / 'lol'}", f"model.vae={fitted_vae}",
+                                           f"preprocess.output={out}", "preprocess.crop_size=64",
+                                           "preprocess.crops_per_image=2"]))
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of tiny tensors: intra-op threads only add contention (10-100x slower on a busy box)."""
@@ -116,17 +129,25 @@ def one_torch_thread():
 def served_checkpoints(fitted_vae, tmp_path_factory) -> dict[str, Path]:
     """Untrained checkpoints in the real format (what serving needs is loading, not quality): a raw
     regression and an sRGB latent ControlNet on the tiny bundle with the fitted VAE."""
+    import torch
+
     from lowlight import checkpoint
     from lowlight.config import load_config
     from lowlight.methods import build_method
 
     root = tmp_path_factory.mktemp("served")
     specs = {"raw": ("sample_raw", ["method.name=regression", "method.backbone=nafnet-l4-w8"], 4),
-             "srgb": ("sample_srgb", ["method.name=lacontrolnet", "method.options.steps=2"], 3)}
+             "srgb": ("sample_srgb", ["method.name=lacontrolnet", "method.options.steps=2",
+                                      "method.options.cond_dropout=0.1"], 3)}
     out = {}
     for domain, (preset, overrides, channels) in specs.items():
         cfg = load_config(preset, [f"model.vae={fitted_vae}", *overrides])
         method = build_method(cfg.method, channels, cfg.model)
+        if domain == "srgb":  # a zero-initialised ControlNet ignores its condition (and so would guidance ω)
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for parameter in method.controlnet.parameters():
+                    parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
         out[domain] = root / domain / "checkpoint_0000000"
         checkpoint.save(out[domain], cfg, method, channels, {"step": 0, "val_psnr": 20.0})
     return out

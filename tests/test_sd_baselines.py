@@ -29,18 +29,6 @@ COLUMNS = ["z_in", "z_gt", "srgb_in", "srgb_gt"]
 
 
 @pytest.fixture(scope="module")
-def srgb_data(ray_local, sample_root, fitted_vae, tmp_path_factory) -> Path:
-    """LOL-shaped sample set -> 64 px crops with latents made by the fitted tiny VAE."""
-    from lowlight.data.preprocess import preprocess
-
-    out = tmp_path_factory.mktemp("sd-data") / "srgb"
-    preprocess(load_config("sample_srgb", [f"dataset.root={sample_root / 'lol'}", f"model.vae={fitted_vae}",
-                                           f"preprocess.output={out}", "preprocess.crop_size=64",
-                                           "preprocess.crops_per_image=2"]))
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained(srgb_data, fitted_vae, tmp_path_factory) -> dict[str, Path]:
     """Each baseline trained 4 steps on 2 Ray Train workers."""
     runs = tmp_path_factory.mktemp("sd-runs")
