@@ -102,7 +102,10 @@ class Scorer:
                     fitted = least_squares_rescale(pred[i:i + 1], target[i:i + 1])
                     row |= {"psnr_raw_ls": psnr(fitted, target[i:i + 1]), "ssim_raw_ls": ssim(fitted, target[i:i + 1])}
             for name, metric in self.metrics.items():
-                row[name] = float(metric.compute(pred_srgb[i:i + 1], target_srgb[i:i + 1])[0])
+                try:
+                    row[name] = float(metric.compute(pred_srgb[i:i + 1], target_srgb[i:i + 1])[0])
+                except RuntimeError:  # e.g. VIF's pyramid on an image smaller than its filters: no value
+                    row[name] = float("nan")
             for key, value in row.items():
                 out.setdefault(key, []).append(value)
             shown = str(batch["id"][i]) in self.preview_ids
@@ -165,10 +168,12 @@ def score_model(checkpoint: str, data: str, settings: EvalSettings, out: Path) -
             path.write_bytes(row["preview"])
     metric_names = [k for k in rows[0] if k not in ("id", "record_id", "seconds", "peak_rss_mb", "preview",
                                                      "input_preview", "target_preview")]
+    per_metric = {m: np.array([row[m] for row in rows], dtype=float) for m in metric_names}
     result = {"key": key, "model": name, "method": method.name, "domain": cfg.method.domain,
               "checkpoint": str(local), "backbone": cfg.method.backbone,
               "rows": [{k: row[k] for k in ("id", "record_id", *metric_names)} for row in rows],
-              "mean": {m: float(np.mean([row[m] for row in rows])) for m in metric_names},
+              "mean": {m: float(np.nanmean(values)) for m, values in per_metric.items() if np.isfinite(values).any()},
+              "failed": sorted(m for m, values in per_metric.items() if not np.isfinite(values).any()),
               "seconds_per_image": float(np.mean([row["seconds"] for row in rows])),
               "peak_rss_mb": float(max(row["peak_rss_mb"] for row in rows)),
               "previews": {str(i): v["output"] for i, v in shown.items()}}

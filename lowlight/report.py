@@ -146,6 +146,8 @@ def protocol(summary: dict) -> list[str]:
              (f"inference: seed {s['seed']}, options {s['options'] or 'the checkpoint defaults'}; seconds per "
               "image are the model's forward time per row; peak MB is the scoring actor's peak resident memory")]
     lines += [f"`{name}`: {reason}" for name, reason in summary.get("unavailable", {}).items()]
+    lines += [f"`{m['model']}`: {', '.join(m['failed'])} could not be computed on these images (too small for "
+              "the metric's filters)" for m in summary["models"] if m.get("failed")]
     return lines
 
 
