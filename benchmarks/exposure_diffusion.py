@@ -67,8 +67,7 @@ from lowlight.data.parquet import read_split
 from lowlight.data.preprocess import preprocess
 from lowlight.data.samples import build_samples, photos_from_dir
 from lowlight.methods import EnhanceOptions, Method
-from lowlight.methods.exposure_diffusion import least_squares_rescale
-from lowlight.metrics import psnr, ssim
+from lowlight.metrics import least_squares_rescale, psnr, ssim
 from lowlight.models import isp
 from lowlight.train import train
 

@@ -31,6 +31,18 @@ def save(directory: Path, cfg: Config, method: Method, channels: int, metrics: d
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
 
 
+def read_metrics(directory: Path) -> dict:
+    """The metrics a checkpoint was saved with ({} when it has none)."""
+    path = Path(directory) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_name(checkpoint: str) -> str:
+    """The run a checkpoint path belongs to: ``runs/<name>/checkpoint_N`` or the run directory ``runs/<name>``."""
+    path = Path(checkpoint.rstrip("/"))
+    return path.parent.name if path.name.startswith("checkpoint_") else path.name
+
+
 def load_weights(directory: Path, method: Method, ema: bool = False) -> None:
     suffix = ".ema.safetensors" if ema else ".safetensors"
     for name, module in method.checkpoint_modules().items():

@@ -154,7 +154,6 @@ class Enhancer:
             batch = with_stage1(batch, cfg.preprocess.pre_restore, self.method.bundle.encode, self.endpoint_url)
         return crop_outputs(self.method.enhance(batch, opts), inputs)
 
-
     @torch.no_grad()
     def input_preview(self, prepared: Prepared) -> np.ndarray:
         """The input as the method sees it, in sRGB (a RAW amplified by its ratio and rendered with its own

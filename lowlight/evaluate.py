@@ -25,13 +25,13 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from lowlight import storage
-from lowlight.checkpoint import load_method
+from lowlight.checkpoint import load_method, run_name
 from lowlight.data.images import encode_png
 from lowlight.data.parquet import read_split
 from lowlight.enhance import local_checkpoint
 from lowlight.iqa import DEFAULT_METRICS, build_metrics, use_weights_dir
 from lowlight.methods import EnhanceOptions
-from lowlight.metrics import psnr, ssim
+from lowlight.metrics import least_squares_rescale, psnr, ssim
 from lowlight.report import file_stem, write_report
 
 META_COLUMNS = ("id", "record_id", "split", "ratio")
@@ -49,14 +49,6 @@ class EvalSettings:
     seed: int = 0
     options: dict = field(default_factory=dict)  # EnhanceOptions fields (steps, guidance_scale, ...)
     endpoint_url: str | None = None
-
-
-def least_squares_rescale(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """pred x argmin_a ||a pred - target||^2 per image: brightness matched to the ground truth (it reads
-    the answer, so it is reported beside the plain score, never instead of it)."""
-    dims = tuple(range(1, pred.dim()))
-    scale = (pred * target).sum(dims, keepdim=True) / (pred * pred).sum(dims, keepdim=True).clamp_min(1e-12)
-    return (pred * scale).clamp(0, 1)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -109,10 +101,10 @@ class Scorer:
             for key, value in row.items():
                 out.setdefault(key, []).append(value)
             shown = str(batch["id"][i]) in self.preview_ids
-            degraded = self.method.to_srgb(self.method.degraded({k: v[i:i + 1] for k, v in tensors.items()}),
-                                           {k: v[i:i + 1] for k, v in tensors.items()})[0] if shown else None
+            one = {k: v[i:i + 1] for k, v in tensors.items()}
             out["preview"].append(png_bytes(pred_srgb[i]) if shown else b"")
-            out["input_preview"].append(png_bytes(degraded) if shown else b"")
+            out["input_preview"].append(png_bytes(self.method.to_srgb(self.method.degraded(one), one)[0])
+                                        if shown else b"")
             out["target_preview"].append(png_bytes(target_srgb[i]) if shown else b"")
             out["id"].append(str(batch["id"][i]))
             out["record_id"].append(str(batch["record_id"][i]))
@@ -120,11 +112,6 @@ class Scorer:
             out["peak_rss_mb"].append(rss)
         return {k: np.asarray(v, dtype=object if k.endswith("preview") or k in ("id", "record_id") else None)
                 for k, v in out.items()}
-
-
-def model_name(checkpoint: str) -> str:
-    path = Path(checkpoint.rstrip("/"))
-    return path.parent.name if path.name.startswith("checkpoint_") else path.name
 
 
 def cache_key(checkpoint: Path, data: str, settings: EvalSettings) -> str:
@@ -137,7 +124,7 @@ def cache_key(checkpoint: Path, data: str, settings: EvalSettings) -> str:
 def score_model(checkpoint: str, data: str, settings: EvalSettings, out: Path) -> dict:
     """Per-row scores of one checkpoint (cached as JSON when complete) with its previews as PNG files."""
     local = local_checkpoint(checkpoint, settings.endpoint_url)
-    name = model_name(checkpoint)
+    name = run_name(checkpoint)
     key = cache_key(local, data, settings)
     cached = out / "scores" / f"{name}.json"
     if cached.exists() and json.loads(cached.read_text()).get("key") == key:

@@ -1,4 +1,5 @@
-"""Image quality metrics on NCHW tensors in [0, 1] (PSNR, SSIM computed here; no weights needed)."""
+"""Image quality metrics on NCHW tensors in [0, 1] (PSNR, SSIM computed here; no weights needed), and the
+least-squares brightness correction ExposureDiffusion's protocol applies before them."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> f
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
     return float(s.mean())
+
+
+def least_squares_rescale(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """a * clip(prediction) per image, a minimising ||a * prediction - target||^2 over the pixels where the
+    target is not saturated (the released code's ``IlluminanceCorrect``). It reads the ground truth."""
+    prediction = prediction.clamp(0, 1)
+    valid = (target != 1).to(prediction.dtype)
+    dims = tuple(range(1, prediction.dim()))
+    num = (prediction * target * valid).sum(dims, keepdim=True)
+    den = (prediction * prediction * valid).sum(dims, keepdim=True).clamp_min(1e-12)
+    return num / den * prediction

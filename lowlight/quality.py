@@ -1,22 +1,24 @@
 """No-reference quality scores of one enhanced sRGB image (HWC float in [0, 1]): what a demo can show
-without a ground truth. The weight-free scores are computed here; pyiqa's NIQE is added when its
-parameter file is already in pyiqa's cache (it is downloaded on first use, which offline machines cannot
-do), otherwise it is reported as unavailable with the reason.
+without a ground truth. The weight-free scores are computed here; pyiqa's NIQE (through ``iqa``, which
+never downloads) is added when its parameter file is already cached, otherwise it is reported as
+unavailable with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.ndimage import convolve
+
+from lowlight.iqa import build_metrics
 
 LUMA = np.array([0.2126, 0.7152, 0.0722], np.float32)  # BT.709
 LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32)
 # Immerkaer's mask: the difference of two Laplacians, which cancels image structure up to second order.
 IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-NIQE_PARAMS = "niqe_modelparameters.mat"
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
@@ -47,22 +49,22 @@ def sharpness(image: np.ndarray) -> float:
     return float(convolve(luminance(image), LAPLACIAN, mode="nearest").var())
 
 
-def pyiqa_cache() -> Path:
-    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
-
-    return Path(DEFAULT_CACHE_DIR)
+@functools.lru_cache(maxsize=4)
+def _niqe_metric(cache_dir: str):
+    """pyiqa's NIQE built once per cache folder (the replica scores every request with it)."""
+    metrics, unavailable = build_metrics(["niqe"])
+    return metrics.get("niqe"), unavailable.get("niqe")
 
 
 def niqe(image: np.ndarray) -> float | str:
     """pyiqa's NIQE (lower is better), or why it is unavailable."""
-    params = pyiqa_cache() / NIQE_PARAMS
-    if not params.exists():
-        return f"unavailable: pyiqa's NIQE needs {params} (downloaded on first use; this machine is offline)"
-    import pyiqa
-    import torch
+    from pyiqa.utils import download_util
 
-    metric = pyiqa.create_metric("niqe", device="cpu")
-    return float(metric(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()))
+    metric, reason = _niqe_metric(download_util.DEFAULT_CACHE_DIR)
+    if metric is None:
+        return reason
+    batch = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
+    return float(metric.compute(batch, batch)[0])
 
 
 def scores(image: np.ndarray) -> dict[str, float | str]:

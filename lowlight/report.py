@@ -40,11 +40,15 @@ def columns_of(models: list[dict]) -> list[str]:
     return seen
 
 
+def value_of(model: dict, column: str):
+    """A metric's mean, or a per-model figure (seconds per image, peak memory)."""
+    return model["mean"].get(column, model.get(column))
+
+
 def best_values(models: list[dict], columns: list[str]) -> dict[str, float]:
     best = {}
     for column in columns:
-        values = [m["mean"].get(column, m.get(column)) for m in models]
-        values = [v for v in values if isinstance(v, float)]
+        values = [v for v in (value_of(m, column) for m in models) if isinstance(v, float)]
         if values:
             best[column] = min(values) if LOWER_BETTER.get(column, False) else max(values)
     return best
@@ -63,13 +67,12 @@ def cell(value, best: float | None) -> tuple[str, str]:
 def table(models: list[dict]) -> tuple[str, str]:
     columns = columns_of(models)
     extra = ["seconds_per_image", "peak_rss_mb"]
-    best = best_values(models, columns) | best_values([{"mean": {k: m[k] for k in extra}} for m in models], extra)
+    best = best_values(models, columns + extra)
     head = ["method", "model", *columns, "s / image", "peak MB"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows_html = []
     for m in models:
-        values = [m["mean"].get(c) for c in columns] + [m["seconds_per_image"], m["peak_rss_mb"]]
-        cells = [cell(v, best.get(c)) for v, c in zip(values, columns + extra, strict=True)]
+        cells = [cell(value_of(m, c), best.get(c)) for c in columns + extra]
         md.append("| " + " | ".join([m["method"], m["model"], *(c[0] for c in cells)]) + " |")
         rows_html.append("<tr><td>" + "</td><td>".join([html.escape(m["method"]), html.escape(m["model"]),
                                                          *(c[1] for c in cells)]) + "</td></tr>")

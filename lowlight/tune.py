@@ -267,9 +267,10 @@ def run_sweep(sweep: SweepConfig, progress=print) -> dict[str, Any]:
             scored, sweep.metric, plots)] + [str(plot_learning_curves(results, sweep.metric, plots))]}
         if len(scored):
             best = scored.loc[scored[sweep.metric].idxmax() if sweep.mode == "max" else scored[sweep.metric].idxmin()]
-            values = {k.removeprefix("config/"): v for k, v in best.items() if k.startswith("config/")}
-            best_cfg = trial_config(sweep, {k: getattr(v, "item", lambda v=v: v)() for k, v in values.items()},
-                                    best["trial"])
+            # numpy scalars from the table become plain values, as in the sweep file
+            values = {k.removeprefix("config/"): v.item() if hasattr(v, "item") else v
+                      for k, v in best.items() if k.startswith("config/")}
+            best_cfg = trial_config(sweep, values, best["trial"])
             (out / "best.yaml").write_text(f"# best of sweep '{sweep.name}': {sweep.metric} = "
                                            f"{best[sweep.metric]:.4f} (trial {best['trial']})\n" + dump_config(best_cfg))
             outputs["best"] = str(out / "best.yaml")

@@ -12,9 +12,9 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from lowlight.evaluate import evaluate, least_squares_rescale
+from lowlight.evaluate import evaluate
 from lowlight.iqa import build_metrics
-from lowlight.metrics import psnr, ssim
+from lowlight.metrics import least_squares_rescale, psnr, ssim
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from lowlight.checkpoint import load_method, save
 from lowlight.config import Config, ConfigError, MethodConfig
 from lowlight.data.noise import NoiseCalibration, gain_for_iso
 from lowlight.methods import EnhanceOptions, build_method, short_exposure
-from lowlight.methods.exposure_diffusion import ExposureDiffusion, HeadOutput, least_squares_rescale
+from lowlight.methods.exposure_diffusion import ExposureDiffusion, HeadOutput
+from lowlight.metrics import least_squares_rescale
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

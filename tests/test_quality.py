@@ -35,6 +35,8 @@ def test_sharpness_falls_with_blur_and_brightness_is_the_mean_luminance():
 
 
 def test_niqe_says_why_when_its_parameters_are_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(quality, "pyiqa_cache", lambda: tmp_path)
+    from pyiqa.utils import download_util
+
+    monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(tmp_path))
     result = quality.niqe(np.zeros((32, 32, 3), np.float32))
     assert isinstance(result, str) and result.startswith("unavailable") and str(tmp_path) in result

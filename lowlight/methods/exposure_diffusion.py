@@ -25,9 +25,9 @@ the paper-literal variants are options:
   ``--adaptive_loss``: equal at the start, and the weight moves to the step with the lowest loss
   (d loss / d logit_t = w_t (L_t - sum_s w_s L_s)). The released form (w_t clipped to [0, 1], the last
   step 1 - sum w with the sum unclipped) lets the last weight go negative, and the optimiser then
-  maximises the last step's loss: here, with early steps the better ones, validation PSNR fell from 19 to
-  2 dB within 1000 steps. A softmax over per-step logits keeps the start and the pull without leaving
-  the simplex. ``step_weights: equal`` sums the steps. ``poisson_kl`` is the released KL loss
+  maximises the last step's loss: here, with early steps the better ones, validation PSNR was 2.3 dB at
+  step 1000, far under the amplified input's 19 dB. A softmax over per-step logits keeps the start and
+  the pull without leaving the simplex. ``step_weights: equal`` sums the steps. ``poisson_kl`` is the released KL loss
   (``models/losses.py``): Eq. 11's direction, KL(P(F) || P(X_ref)) = F log(F/X_ref) + X_ref - F, with
   L1 where either side is below 0.2;
 * ``ls_oracle`` (off by default, it reads the ground truth): the released code rescales every step's
@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from lowlight.config import MethodConfig, ModelConfig
 from lowlight.methods.base import EnhanceOptions, Method, register
 from lowlight.methods.short_exposure import ShortExposure, ShortExposureOptions, ShortExposureSource
+from lowlight.metrics import least_squares_rescale
 from lowlight.models.backbones import build_backbone
 
 KL_L1_BELOW = 0.2  # the released KL loss uses L1 where the prediction or the target is darker than this
@@ -81,17 +82,6 @@ class HeadOutput:
     direct: Tensor  # X^, unclipped
     by_residual: Tensor  # clip(X_t / lambda_t + R^)
     mask: Tensor
-
-
-def least_squares_rescale(prediction: Tensor, target: Tensor) -> Tensor:
-    """a * clip(prediction) per image, a minimising ||a * prediction - target||^2 over the pixels where the
-    target is not saturated (the released code's ``IlluminanceCorrect``). It reads the ground truth."""
-    prediction = prediction.clamp(0, 1)
-    valid = (target != 1).to(prediction.dtype)
-    dims = tuple(range(1, prediction.dim()))
-    num = (prediction * target * valid).sum(dims, keepdim=True)
-    den = (prediction * prediction * valid).sum(dims, keepdim=True).clamp_min(1e-12)
-    return num / den * prediction
 
 
 @register

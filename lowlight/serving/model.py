@@ -9,7 +9,6 @@ is not the one a UI poll would reach.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -19,6 +18,7 @@ import ray
 from ray import serve
 
 from lowlight import quality
+from lowlight.checkpoint import read_metrics
 from lowlight.data.images import encode_png
 from lowlight.enhance import Enhancer, Prepared
 from lowlight.methods import EnhanceOptions
@@ -74,10 +74,7 @@ class EnhanceModel:
 
     def info(self) -> dict:
         method, cfg = self.enhancer.method, self.enhancer.cfg
-        metrics_file = self.enhancer.directory / "metrics.json"
-        metrics = {}
-        if metrics_file.exists():
-            metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items() if k.startswith(("val_", "step"))}
+        metrics = {k: v for k, v in read_metrics(self.enhancer.directory).items() if k.startswith(("val_", "step"))}
         return {"name": self.entry.name, "method": method.name, "domain": cfg.method.domain,
                 "input": "RAW file" if cfg.method.domain == "raw" else "sRGB image",
                 "backbone": cfg.method.backbone, "checkpoint": str(self.enhancer.directory),

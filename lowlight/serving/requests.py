@@ -10,10 +10,11 @@ from pathlib import PurePath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lowlight.data.images import IMAGE_SUFFIXES
+from lowlight.data.layouts import RAW_EXTS
 from lowlight.methods import EnhanceOptions
 from lowlight.serving.settings import Limits
 
-RAW_SUFFIXES = (".dng", ".arw", ".nef", ".cr2", ".cr3", ".raf", ".orf", ".rw2", ".pef", ".srw")
+RAW_SUFFIXES = tuple(sorted("." + ext for ext in RAW_EXTS))
 COLOR_FIXES = ("none", "adain", "wavelet")
 
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lowlight.checkpoint import run_name
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -83,8 +85,7 @@ def models_from_checkpoints(checkpoints: list[str]) -> list[ModelEntry]:
     """Names for bare checkpoint paths: the run's name (``runs/<name>/checkpoint_N`` or ``runs/<name>``)."""
     entries = []
     for checkpoint in checkpoints:
-        path = Path(checkpoint.rstrip("/"))
-        name = path.parent.name if path.name.startswith("checkpoint_") else path.name
+        name = run_name(checkpoint)
         taken = {e.name for e in entries}
         unique, n = name, 2
         while unique in taken:

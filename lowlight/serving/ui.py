@@ -12,7 +12,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from lowlight.serving.requests import RAW_SUFFIXES
 from lowlight.serving.router import Router
 from lowlight.serving.settings import ServeArgs
 
@@ -26,8 +25,7 @@ def example_files(patterns: list[str], limit: int) -> dict[str, str]:
 
 
 def describe(info: dict) -> str:
-    takes = ("RAW files (" + ", ".join(s.lstrip(".").upper() for s in RAW_SUFFIXES[:5]) + ", ...)"
-             if info["domain"] == "raw" else "sRGB images (PNG, JPEG, TIFF)")
+    takes = "RAW files (DNG, ARW, NEF, CR2, ...)" if info["domain"] == "raw" else "sRGB images (PNG, JPEG, TIFF)"
     psnr = info["metrics"].get("val_psnr")
     trained = f"; validation PSNR {psnr:.2f} dB" if isinstance(psnr, float) else ""
     return f"**{info['name']}**: `{info['method']}` ({info['backbone']}) takes {takes}{trained}."
