@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from lowlight.config import Config
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BOOTSTRAP = 10_000  # resamples of a bootstrap interval
 BASE_RATIOS = 3  # `lowlight samples` writes 3 short exposures per scene: 7 photos -> 21 records
 
 
@@ -278,3 +283,38 @@ def write_result(name: str, result: dict, path: str | Path | None = None) -> Pat
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+# ---------------------------------------------------------------- training runs and intervals
+
+def finished_run(cfg: Config) -> dict | None:
+    """A run of this name that already reached its last step (``--reuse-runs``): evaluated as it is.
+    Its wall time is unknown, so only the in-run images/s (from its metrics) is reported."""
+    final = Path(cfg.train.storage_path) / cfg.train.name / f"checkpoint_{cfg.train.steps:07d}"
+    if not (final / "metrics.json").exists():
+        return None
+    metrics = json.loads((final / "metrics.json").read_text())
+    return {"checkpoint": str(final), "seconds": None, "images_per_s": metrics.get("images_per_s")}
+
+
+def train_run(cfg: Config, resume: bool) -> dict:
+    """Train from scratch, or with ``resume`` continue an unfinished run of the same name from its
+    latest checkpoint (its wall time then covers only this part, so it is not reported)."""
+    from lowlight.train import train  # Ray Train: only for the benchmarks that train
+
+    run_dir = Path(cfg.train.storage_path) / cfg.train.name
+    resumed = resume and any(run_dir.glob("checkpoint_*"))
+    if not resumed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    result = train(cfg)
+    return {"checkpoint": result.checkpoint,
+            "seconds": None if resumed else time.perf_counter() - start,
+            "images_per_s": result.metrics.get("images_per_s")}
+
+
+def bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), (BOOTSTRAP, len(diffs)))].mean(axis=1)
+    return {"mean": float(diffs.mean()), "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "images": len(diffs)}

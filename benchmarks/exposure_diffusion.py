@@ -50,7 +50,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -59,7 +58,16 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from common import RESULTS_DIR, build_bench_samples, load_at_start, print_table, write_result
+from common import (
+    RESULTS_DIR,
+    bootstrap_ci,
+    build_bench_samples,
+    finished_run,
+    load_at_start,
+    print_table,
+    train_run,
+    write_result,
+)
 
 from lowlight.checkpoint import load_method
 from lowlight.config import Config, SamplesConfig, load_config
@@ -69,12 +77,10 @@ from lowlight.data.samples import build_samples, photos_from_dir
 from lowlight.methods import EnhanceOptions, Method
 from lowlight.metrics import least_squares_rescale, psnr, ssim
 from lowlight.models import isp
-from lowlight.train import train
 
 METRICS = ("psnr", "ssim", "psnr_ls", "ssim_ls", "psnr_srgb", "ssim_srgb")
 EVAL_COLUMNS = ("record_id", "ratio", "iso", "crop_y", "crop_x", "raw_in", "raw_gt", "wb", "ccm")
 ED, REG = "exposure_diffusion", "regression"
-BOOTSTRAP = 10_000
 
 
 @dataclass(frozen=True)
@@ -159,30 +165,6 @@ def run_config(cfg: Config, spec: RunSpec, args) -> Config:
             run.method.options["step_weights"] = spec.step_weights
     run.train.seed, run.train.name = spec.seed, f"bench-{spec.name}"
     return run
-
-
-def finished_run(cfg: Config) -> dict | None:
-    """A run of this name that already reached its last step (``--reuse-runs``): evaluated as it is.
-    Its wall time is unknown, so only the in-run images/s (from its metrics) is reported."""
-    final = Path(cfg.train.storage_path) / cfg.train.name / f"checkpoint_{cfg.train.steps:07d}"
-    if not (final / "metrics.json").exists():
-        return None
-    metrics = json.loads((final / "metrics.json").read_text())
-    return {"checkpoint": str(final), "seconds": None, "images_per_s": metrics.get("images_per_s")}
-
-
-def train_run(cfg: Config, resume: bool) -> dict:
-    """Train from scratch, or with ``resume`` continue an unfinished run of the same name from its
-    latest checkpoint (its wall time then covers only this part, so it is not reported)."""
-    run_dir = Path(cfg.train.storage_path) / cfg.train.name
-    resumed = resume and any(run_dir.glob("checkpoint_*"))
-    if not resumed:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    start = time.perf_counter()
-    result = train(cfg)
-    return {"checkpoint": result.checkpoint,
-            "seconds": None if resumed else time.perf_counter() - start,
-            "images_per_s": result.metrics.get("images_per_s")}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -288,13 +270,6 @@ def per_ratio(per_image: dict[str, dict], ratio_of: dict[str, str], metric: str)
 def seed_mean(per_images: list[dict[str, dict]]) -> dict[str, dict]:
     """Per image, the mean over training seeds."""
     return mean_over(per_images) if len(per_images) > 1 else per_images[0]
-
-
-def bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> dict[str, float]:
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), (BOOTSTRAP, len(diffs)))].mean(axis=1)
-    return {"mean": float(diffs.mean()), "low": float(np.percentile(means, 2.5)),
-            "high": float(np.percentile(means, 97.5)), "images": len(diffs)}
 
 
 def setting_summary(specs: list[RunSpec], scores: dict[str, dict], inputs: dict, ratio_of: dict,

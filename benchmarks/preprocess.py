@@ -117,12 +117,12 @@ def build_tree(work: Path, scenes: int, shorts: int, height: int, width: int) ->
 
 
 def make_config(spec: dict):
-    from lowlight.config import TENSOR_COLUMNS, load_config
+    from lowlight.config import DEFAULT_COLUMNS, load_config
 
     return load_config("sample_raw", [
         f"dataset.root={spec['root']}", f"model.pretrained={spec['pretrained']}", "model.vae=null",
         f"preprocess.output={spec['output']}", f"preprocess.crop_size={spec['crop_size']}",
-        f"preprocess.crops_per_image={spec['crops_per_image']}", f"preprocess.columns={list(TENSOR_COLUMNS)}",
+        f"preprocess.crops_per_image={spec['crops_per_image']}", f"preprocess.columns={list(DEFAULT_COLUMNS)}",
         f"ray.num_cpus={spec['cpus']}", *(["preprocess.fuse_decode_encode=false"] if spec["variant"] == UNFUSED else [])])
 
 

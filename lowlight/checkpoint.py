@@ -26,6 +26,7 @@ def save(directory: Path, cfg: Config, method: Method, channels: int, metrics: d
         save_model(module, str(directory / f"{name}.safetensors"))
     for name, module in (ema or {}).items():
         save_model(module, str(directory / f"{name}.ema.safetensors"))
+    method.save_artifacts(directory)
     if training_state is not None:
         torch.save(training_state, directory / TRAINING_STATE)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -13,8 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TENSOR_COLUMNS = ("raw_in", "raw_gt", "lrgb_in", "srgb_in", "srgb_gt", "z_in", "z_gt")
-RAW_ONLY_COLUMNS = ("raw_in", "raw_gt", "lrgb_in")
+DEFAULT_COLUMNS = ("raw_in", "raw_gt", "lrgb_in", "srgb_in", "srgb_gt", "z_in", "z_gt")
+TENSOR_COLUMNS = (*DEFAULT_COLUMNS, "lrgb_gt")  # lrgb_gt: the clean frame as linear RGB (DarkDiff's z_0 source)
+RAW_ONLY_COLUMNS = ("raw_in", "raw_gt", "lrgb_in", "lrgb_gt")
+HALF_RES_SOURCES = ("raw", "lrgb")  # packed Bayer / linear RGB live at half the sRGB resolution
 STAGE1_COLUMNS = ("srgb_pre", "z_pre")  # written when preprocess.pre_restore names a stage-1 checkpoint
 LATENT_COLUMNS = {"z_in": "srgb_in", "z_gt": "srgb_gt"}
 
@@ -108,7 +110,10 @@ class PreprocessConfig(Strict):
     crops_per_image: int = Field(4, ge=1, description="random crops per training image")
     eval_crop: Literal["center", "grid"] = "center"
     seed: int = 0
-    columns: list[str] = list(TENSOR_COLUMNS)
+    columns: list[str] = list(DEFAULT_COLUMNS)
+    latents_from: Literal["srgb", "lrgb", "raw"] = Field(
+        "srgb", description="what z_in/z_gt encode: srgb_in/srgb_gt, or (RAW sets, DarkDiff) lrgb_in/lrgb_gt or "
+        "raw_in/raw_gt, upsampled x2 to the crop size (the simple demosaic) for a VAE with as many input channels")
     vae_batch_size: int = Field(8, ge=1)
     vae_actors: int | None = Field(None, ge=1, description="VAE actors (None: one per GPU; on a CPU-only cluster, "
                                    "one fused decode+encode actor per decode_cpus CPUs)")

@@ -90,11 +90,13 @@ def load_batch(data: bytes, name: str, method: Method, ratio: float | None, iso:
     if method.cfg.domain == "srgb":
         image = render_srgb(data, ratio=ratio).transpose(2, 0, 1)
         return {"srgb_in": torch.from_numpy(np.ascontiguousarray(image))[None]}, ratio
-    iso = iso or read_exif(io.BytesIO(data)).iso
-    if not iso:
-        raise ValueError(f"'{name}' has no ISO in its EXIF and method '{method.name}' needs it: pass --iso")
-    batch = {"raw_in": torch.from_numpy(packed)[None], "ratio": torch.tensor([ratio]), "iso": torch.tensor([iso]),
+    batch = {"raw_in": torch.from_numpy(packed)[None], "ratio": torch.tensor([ratio]),
              "wb": torch.from_numpy(frame.camera_wb)[None], "ccm": torch.from_numpy(frame.cam_to_srgb)[None]}
+    if "iso" in method.columns_for(method.cfg):  # the noise-model methods condition on it
+        iso = iso or read_exif(io.BytesIO(data)).iso
+        if not iso:
+            raise ValueError(f"'{name}' has no ISO in its EXIF and method '{method.name}' needs it: pass --iso")
+        batch["iso"] = torch.tensor([iso])
     return batch, ratio
 
 

@@ -83,7 +83,7 @@ class Scorer:
         target_srgb = self.method.to_srgb(target, tensors).float().clamp(0, 1)
         out: dict[str, list] = {"id": [], "record_id": [], "seconds": [], "peak_rss_mb": [], "preview": [],
                                 "input_preview": [], "target_preview": []}
-        raw = self.cfg.method.domain == "raw"
+        raw = self.method.output_domain == "raw"
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         for i in range(len(pred)):
             row = {"psnr_srgb": psnr(pred_srgb[i:i + 1], target_srgb[i:i + 1]),
@@ -130,7 +130,7 @@ def score_model(checkpoint: str, data: str, settings: EvalSettings, out: Path) -
     if cached.exists() and json.loads(cached.read_text()).get("key") == key:
         return json.loads(cached.read_text())
     cfg, method = load_method(local)
-    columns = sorted(set(method.columns_for(cfg.method)) | {"raw_gt" if cfg.method.domain == "raw" else "srgb_gt"})
+    columns = sorted(set(method.columns_for(cfg.method)) | {"raw_gt" if method.output_domain == "raw" else "srgb_gt"})
     ids = read_split(data, settings.split, ["id"], settings.endpoint_url)["id"]
     preview_ids = sorted(str(i) for i in ids)[: settings.preview_rows]
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lowlight.config import Config
 from lowlight.data.images import IMAGE_SUFFIXES, read_image
+from lowlight.iqa import lpips_loss_or_none
 from lowlight.metrics import psnr
 from lowlight.models import sd
 
@@ -139,15 +140,6 @@ class CropSampler:
         return torch.from_numpy(np.stack(crops)) * 2 - 1
 
 
-def _lpips_or_none():
-    try:
-        import pyiqa
-
-        return pyiqa.create_metric("lpips", as_loss=True)
-    except Exception:  # noqa: BLE001 - weights absent offline: train without LPIPS, report it
-        return None
-
-
 def latent_scaling_factor(vae, batches: list[torch.Tensor]) -> float:
     with torch.no_grad():
         latents = torch.cat([vae.encode(b).latent_dist.mode() for b in batches])
@@ -187,7 +179,7 @@ def fit_vae(cfg: Config, images_root: str) -> dict:
     cache = ImageCache(fc.cache_mb * 2**20)
     sampler = CropSampler(split.train, fc.crop_size, cache, images_root)
     vae = sd.load_vae(cfg.model.pretrained, cfg.model.vae, cfg.storage.endpoint_url).train().requires_grad_(True)
-    lpips = _lpips_or_none() if fc.lpips_weight > 0 else None
+    lpips = lpips_loss_or_none() if fc.lpips_weight > 0 else None
     opt = torch.optim.AdamW(vae.parameters(), lr=fc.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / fc.steps, 1.0))))
     started = time.time()

@@ -80,6 +80,18 @@ def no_downloads() -> Iterator[None]:
             setattr(module, attr, original_pyiqa if attr == "load_file_from_url" else original_hub)
 
 
+def lpips_loss_or_none() -> torch.nn.Module | None:
+    """pyiqa's LPIPS as a differentiable loss on [0, 1] sRGB images from cached weights, or None when they are
+    not there (nothing is downloaded): callers train without it and report so."""
+    try:
+        import pyiqa
+
+        with no_downloads():
+            return pyiqa.create_metric("lpips", as_loss=True)
+    except Exception:  # noqa: BLE001 - WeightsMissing, or pyiqa's own errors for an incomplete cache
+        return None
+
+
 def build_metrics(names: list[str] | tuple[str, ...], device: str = "cpu"
                   ) -> tuple[dict[str, Metric], dict[str, str]]:
     """The metrics that can run here, and {name: reason} for those that cannot."""

@@ -29,6 +29,11 @@ def lr_lambda(tc: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def build_optimizer(method: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the method's parameter groups (their own learning rates and betas where it sets them)."""
+    return torch.optim.AdamW(method.optimizer_groups(tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 class EMA:
     """Exponential moving average of a method's checkpointed modules."""
 

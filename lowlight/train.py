@@ -54,7 +54,7 @@ from lowlight import checkpoint, storage
 from lowlight.config import STAGE1_COLUMNS, Config, ConfigError, TrainConfig
 from lowlight.methods import Method, build_method, method_class, parse_options
 from lowlight.models import sd
-from lowlight.optim import EMA, lr_lambda
+from lowlight.optim import EMA, build_optimizer, lr_lambda
 from lowlight.raycluster import ensure_ray
 from lowlight.validation import sample_grid, validate
 
@@ -248,8 +248,8 @@ def train_loop(loop_config: dict) -> None:
     method: Method = build_method(cfg.method, info["channels"], cfg.model).to(device)
     stream = BatchStream(ray.train.get_dataset_shard("train"), tc, device)
     val_rows = read_rows(ray.train.get_dataset_shard("val"), info["columns"]) if rank == 0 else {}
-    params = list(method.trainable_parameters())
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(method, tc)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     ema = EMA(method, tc.ema_decay) if tc.ema_decay else None
     start = 0

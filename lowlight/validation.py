@@ -29,7 +29,7 @@ def validate(method: Method, rows: dict[str, torch.Tensor], batch_size: int, dev
         n = pred.shape[0]
         scores = {"val_psnr": psnr(pred, target), "val_ssim": ssim(pred, target),
                   "val_input_psnr": psnr(degraded, target)}
-        if method.cfg.domain == "raw":
+        if method.output_domain == "raw":
             pred_srgb, target_srgb = method.to_srgb(pred, batch), method.to_srgb(target, batch)
             scores |= {"val_psnr_srgb": psnr(pred_srgb, target_srgb), "val_ssim_srgb": ssim(pred_srgb, target_srgb),
                        "val_input_psnr_srgb": psnr(method.to_srgb(degraded, batch), target_srgb)}

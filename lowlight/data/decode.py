@@ -23,7 +23,7 @@ from lowlight.data.images import decode_image
 from lowlight.data.parquet import ISP_COLUMNS
 from lowlight.data.raw import RawFrame, linear_rgb, pack_bayer, packed_black_level, read_raw, render_srgb
 
-HALF_RES = ("raw_in", "raw_gt", "lrgb_in")  # packed Bayer / linear RGB live at half the sRGB resolution
+HALF_RES = ("raw_in", "raw_gt", "lrgb_in", "lrgb_gt")  # packed Bayer / linear RGB: half the sRGB resolution
 
 
 class RejectedInput(Exception):
@@ -55,11 +55,18 @@ def group_by_target(records: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def needed_arrays(columns: list[str]) -> set[str]:
-    """Arrays to decode: the requested ones plus the sRGB images that latents are encoded from; the stage-1
+def latent_source(latent: str, latents_from: str = "srgb") -> str:
+    """The image column a latent column encodes: z_in/z_gt the ``latents_from`` kind's input/target,
+    z_pre always the stage-1 restoration's sRGB."""
+    suffix = latent[2:]
+    return "srgb_pre" if suffix == "pre" else f"{latents_from}_{suffix}"
+
+
+def needed_arrays(columns: list[str], latents_from: str = "srgb") -> set[str]:
+    """Arrays to decode: the requested ones plus the images that latents are encoded from; the stage-1
     restoration's output (srgb_pre) is made from srgb_in after decoding."""
     need = {c for c in columns if not c.startswith("z_")}
-    need |= {"srgb_" + c[2:] for c in columns if c.startswith("z_")}
+    need |= {latent_source(c, latents_from) for c in columns if c.startswith("z_")}
     if "srgb_pre" in need:
         need = (need - {"srgb_pre"}) | {"srgb_in"}
     return need
@@ -88,6 +95,8 @@ def _raw_target(url: str, need: set[str], endpoint_url: str | None) -> _Target:
         arrays["raw_gt"] = pack_bayer(frame).astype(np.float16)
     if "srgb_gt" in need:
         arrays["srgb_gt"] = render_srgb(data).transpose(2, 0, 1).astype(np.float16)
+    if "lrgb_gt" in need:
+        arrays["lrgb_gt"] = linear_rgb(pack_bayer(frame), frame.camera_wb).astype(np.float16)
     # A raw prediction is a prediction of this frame, so it is rendered with this frame's WB and CCM, as
     # srgb_gt is; the input's own (its as-shot WB can differ) are what inference on the input alone uses.
     isp = {"wb": frame.camera_wb.astype(np.float32), "ccm": frame.cam_to_srgb.astype(np.float32)}
@@ -190,9 +199,9 @@ def _rejection(rec: dict, error: RejectedInput) -> dict:
 
 
 def decode_group(records: list[dict], columns: list[str], *, crop_size: int, per_image: int, eval_crop: str,
-                 seed: int, endpoint_url: str | None = None) -> GroupResult:
+                 seed: int, latents_from: str = "srgb", endpoint_url: str | None = None) -> GroupResult:
     """The crop rows of every pair of one record group (all with the same target), and its rejected pairs."""
-    need = needed_arrays(columns)
+    need = needed_arrays(columns, latents_from)
     raw = records[0]["kind"] == "raw"
     try:
         target = (_raw_target if raw else _srgb_target)(records[0]["target"], need, endpoint_url)

@@ -80,7 +80,7 @@ def tensor_shape(name: str, crop_size: int) -> tuple[int, int, int]:
     """Per-row shape of a tensor column for crops of ``crop_size`` sRGB pixels."""
     half, latent = crop_size // 2, crop_size // 8
     shapes = {"raw_in": (4, half, half), "raw_gt": (4, half, half), "lrgb_in": (3, half, half),
-              "srgb_in": (3, crop_size, crop_size), "srgb_gt": (3, crop_size, crop_size),
+              "lrgb_gt": (3, half, half), "srgb_in": (3, crop_size, crop_size), "srgb_gt": (3, crop_size, crop_size),
               "srgb_pre": (3, crop_size, crop_size),
               "z_in": (4, latent, latent), "z_gt": (4, latent, latent), "z_pre": (4, latent, latent)}
     if name not in shapes:

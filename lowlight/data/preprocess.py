@@ -33,19 +33,20 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from lowlight import storage
 from lowlight.config import (
+    DEFAULT_COLUMNS,
+    HALF_RES_SOURCES,
     RAW_ONLY_COLUMNS,
     STAGE1_COLUMNS,
-    TENSOR_COLUMNS,
     Config,
     ConfigError,
     ModelConfig,
     dump_config,
 )
 from lowlight.data import shards as sh
-from lowlight.data.decode import decode_groups, group_by_target, task_cpus
+from lowlight.data.decode import decode_groups, group_by_target, latent_source, task_cpus
 from lowlight.data.layouts import dataset_records
 from lowlight.data.parquet import SCHEMA_VERSION, VaeStamp, output_row_bytes
-from lowlight.models import sd
+from lowlight.models import isp, sd
 from lowlight.raycluster import ensure_ray
 
 WRITE_TASKS = 2  # concurrent write tasks; they hold no CPU, so they run beside actors that hold them all
@@ -72,10 +73,13 @@ def resolve_columns(cfg: Config, kind: str) -> list[str]:
     requested = cfg.preprocess.columns
     if kind == "srgb":
         raw_cols = [c for c in requested if c in RAW_ONLY_COLUMNS]
-        if raw_cols and requested != list(TENSOR_COLUMNS):
+        if raw_cols and requested != list(DEFAULT_COLUMNS):
             raise ConfigError(f"config key 'preprocess.columns': {raw_cols} need a RAW dataset, "
                               f"but layout '{cfg.dataset.layout}' is sRGB")
         requested = [c for c in requested if c not in RAW_ONLY_COLUMNS]
+        if cfg.preprocess.latents_from != "srgb":
+            raise ConfigError(f"config key 'preprocess.latents_from': '{cfg.preprocess.latents_from}' needs a RAW "
+                              f"dataset, but layout '{cfg.dataset.layout}' is sRGB")
     if cfg.preprocess.pre_restore:
         requested = requested + [c for c in STAGE1_COLUMNS if c not in requested]
     return requested
@@ -85,7 +89,8 @@ def decode_options(cfg: Config, columns: list[str]) -> dict:
     """Keyword arguments of ``decode_group`` for this config."""
     pre = cfg.preprocess
     return {"columns": columns, "crop_size": pre.crop_size, "per_image": pre.crops_per_image,
-            "eval_crop": pre.eval_crop, "seed": pre.seed, "endpoint_url": cfg.storage.endpoint_url}
+            "eval_crop": pre.eval_crop, "seed": pre.seed, "latents_from": pre.latents_from,
+            "endpoint_url": cfg.storage.endpoint_url}
 
 
 def match_threads_to_cpus() -> None:
@@ -96,12 +101,13 @@ def match_threads_to_cpus() -> None:
 
 
 class LatentEncoder:
-    """Adds scaled VAE latents (``z_in`` from ``srgb_in``, ``z_gt`` from ``srgb_gt``, ``z_pre`` from
+    """Adds scaled VAE latents (``z_in``/``z_gt`` from ``<latents_from>_in``/``_gt``, ``z_pre`` from
     ``srgb_pre``) to columnar rows, ``batch_size`` crops at a time, after running the stage-1 restoration
-    (``pre_restore``) on ``srgb_in`` when there is one; drops the sRGB columns only decoded for them."""
+    (``pre_restore``) on ``srgb_in`` when there is one; drops the image columns only decoded for them.
+    Half-resolution sources (linear RGB, packed raw) are demosaiced x2 first, as DarkDiff's VAE sees them."""
 
     def __init__(self, model: ModelConfig, endpoint_url: str | None, columns: list[str], stamp: VaeStamp,
-                 batch_size: int, pre_restore: str | None = None):
+                 batch_size: int, pre_restore: str | None = None, latents_from: str = "srgb"):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae = sd.load_vae(model.pretrained, model.vae, endpoint_url)
         if sd.fingerprint(self.vae) != stamp.vae_id:
@@ -112,8 +118,8 @@ class LatentEncoder:
             from lowlight.pre_restore import PreRestorer  # loads every method: only where stage 1 runs
 
             self.restorer = PreRestorer(pre_restore, endpoint_url, self.device)
-        self.latents = [c for c in columns if c.startswith("z_")]
-        self.unrequested = {"srgb_in", "srgb_gt", "srgb_pre"} - set(columns)
+        self.sources = {z: latent_source(z, latents_from) for z in columns if z.startswith("z_")}
+        self.unrequested = set(self.sources.values()) - set(columns)
         self.scale, self.batch_size = stamp.scaling_factor, batch_size
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,11 +127,14 @@ class LatentEncoder:
             rows["srgb_pre"] = self.restorer.restore_rows(rows["srgb_in"], self.batch_size)
         cuda = self.device == "cuda"
         with torch.no_grad(), torch.autocast(self.device, torch.bfloat16, enabled=cuda):
-            for z in self.latents:
-                images = rows["srgb_" + z[2:]]
+            for z, source in self.sources.items():
+                images = rows[source]
                 parts = []
                 for i in range(0, len(images), self.batch_size):
-                    x = torch.from_numpy(images[i:i + self.batch_size].astype(np.float32)).to(self.device) * 2 - 1
+                    x = torch.from_numpy(images[i:i + self.batch_size].astype(np.float32)).to(self.device)
+                    if source.split("_")[0] in HALF_RES_SOURCES:
+                        x = isp.demosaic(x)
+                    x = x * 2 - 1
                     latent = self.vae.encode(x).latent_dist.mode() * self.scale
                     parts.append(latent.float().cpu().numpy().astype(np.float16))
                 rows[z] = np.concatenate(parts)
@@ -136,9 +145,9 @@ class VaeEncode:
     """Actor stage after the decode tasks: VAE-encode the decoded crops (GPU when the actor has one)."""
 
     def __init__(self, model: ModelConfig, endpoint_url: str | None, columns: list[str], stamp: VaeStamp,
-                 batch_size: int, pre_restore: str | None = None):
+                 batch_size: int, pre_restore: str | None = None, latents_from: str = "srgb"):
         match_threads_to_cpus()
-        self.encode = LatentEncoder(model, endpoint_url, columns, stamp, batch_size, pre_restore)
+        self.encode = LatentEncoder(model, endpoint_url, columns, stamp, batch_size, pre_restore, latents_from)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.encode(batch)
@@ -150,7 +159,8 @@ class DecodeEncode:
     def __init__(self, model: ModelConfig, options: dict, staging: str, stamp: VaeStamp, batch_size: int,
                  pre_restore: str | None = None):
         match_threads_to_cpus()
-        self.encode = LatentEncoder(model, options["endpoint_url"], options["columns"], stamp, batch_size, pre_restore)
+        self.encode = LatentEncoder(model, options["endpoint_url"], options["columns"], stamp, batch_size, pre_restore,
+                                    options["latents_from"])
         self.options, self.staging = options, staging
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -189,7 +199,8 @@ def _pipeline(cfg: Config, items: list[dict], columns: list[str], kind: str, sta
         if has_latents:
             ds = ds.map_batches(VaeEncode, fn_constructor_kwargs={
                 "model": cfg.model, "endpoint_url": ep, "columns": columns, "stamp": stamp,
-                "batch_size": pre.vae_batch_size, "pre_restore": pre.pre_restore}, batch_size=pre.vae_batch_size,
+                "batch_size": pre.vae_batch_size, "pre_restore": pre.pre_restore, "latents_from": pre.latents_from},
+                batch_size=pre.vae_batch_size,
                 compute=ActorPoolStrategy(size=pre.vae_actors or max(1, gpus)), num_gpus=1 if gpus else 0)
     rows_per_file = max(1, pre.file_bytes // output_row_bytes(columns, pre.crop_size, kind))
     return ds.map_batches(sh.write_parts, fn_kwargs={"staging": staging, "stamp": stamp,

@@ -62,9 +62,17 @@ class Method(nn.Module):
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups for base learning rate ``lr`` (``train.lr``): one group by
+        default; a method may give parts their own learning rate or Adam betas."""
+        return [{"params": list(self.trainable_parameters()), "lr": lr}]
+
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         """Modules saved as one safetensors file each."""
         return {"model": self}
+
+    def save_artifacts(self, directory: Path) -> None:
+        """Write files other stages read from a checkpoint (DarkDiff's stage-1 VAE as a diffusers folder)."""
 
     def enhance_defaults(self) -> dict[str, object]:
         """The ``EnhanceOptions`` fields this method honours (besides ``seed``), with its configured values:
@@ -86,8 +94,13 @@ class Method(nn.Module):
         """The restored image in the method's domain (packed raw or sRGB)."""
         raise NotImplementedError(self.name + " must define predict")
 
+    @property
+    def output_domain(self) -> str:
+        """What ``predict`` returns: the input's domain by default (DarkDiff maps raw in to sRGB out)."""
+        return self.cfg.domain
+
     def target(self, batch: dict[str, Tensor]) -> Tensor:
-        return batch["raw_gt"] if self.cfg.domain == "raw" else batch["srgb_gt"]
+        return batch["raw_gt"] if self.output_domain == "raw" else batch["srgb_gt"]
 
     def degraded(self, batch: dict[str, Tensor]) -> Tensor:
         """The input in the output's domain and brightness (the 'do nothing' baseline)."""
@@ -96,7 +109,7 @@ class Method(nn.Module):
         return batch["srgb_in"]
 
     def to_srgb(self, image: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        if self.cfg.domain == "raw":
+        if self.output_domain == "raw":
             return isp.render(image, batch["wb"], batch["ccm"])
         return image.clamp(0, 1)
 

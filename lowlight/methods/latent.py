@@ -54,7 +54,8 @@ class Condition:
 class LatentDiffusionOptions(MethodOptions):
     trainable: list[str] | None = Field(None, description="modules to train (None: the method's default)")
     cond_dropout: float = Field(0.0, ge=0, le=1, description="probability of training with the null condition")
-    recon_weight: float = Field(0.0, ge=0, description="weight of the decoder-space L1 on the one-step x0")
+    recon_weight: float = Field(0.0, ge=0, description="weight of the decoder-space loss on the one-step x0")
+    recon_loss: Literal["l1", "mse"] = Field("l1", description="the decoder-space loss (DarkDiff's Eq. 9 is mse)")
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0, description="DDIM stochasticity (0: deterministic)")
@@ -114,11 +115,18 @@ class LatentDiffusionMethod(Method):
         """The condition as the denoiser takes it (default: the condition latent)."""
         return self.condition_latent(batch)
 
-    def null_hint(self, hint: Tensor) -> Tensor:
-        """The condition that stands for "no condition": what condition dropout trains with and the
-        unconditional branch of guidance gets. Zeros by default (a zero latent, or a black image for a
-        pixel ControlNet, which is close to a low-light input: a method may choose better)."""
+    def null_hint(self, hint: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The condition that stands for "no condition": what condition dropout trains with (``generator``
+        given) and the unconditional branch of guidance gets. Zeros by default (a zero latent, or a black
+        image for a pixel ControlNet, which is close to a low-light input: a method may choose better)."""
         return torch.zeros_like(hint)
+
+    def drop_condition(self, hint: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``hint`` with each sample replaced by the null condition with probability ``cond_dropout``, and
+        the mask of the samples that kept theirs."""
+        keep = torch.rand(hint.shape[0], generator=generator, device=hint.device) >= self.options.cond_dropout
+        null = self.null_hint(hint, generator)
+        return torch.where(keep.view(-1, *[1] * (hint.dim() - 1)), hint, null), keep
 
     def decode(self, latent: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Latent -> sRGB in [0, 1], for ``predict`` and the decoder-space loss; ``batch`` is there for
@@ -217,8 +225,7 @@ class LatentDiffusionMethod(Method):
         noise = torch.randn(z0.shape, generator=generator, device=device)
         t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=generator, device=device)
         if self.options.cond_dropout:
-            keep = torch.rand(n, generator=generator, device=device) >= self.options.cond_dropout
-            hint = torch.where(keep.view(-1, *[1] * (hint.dim() - 1)), hint, self.null_hint(hint))
+            hint, _ = self.drop_condition(hint, generator)
         x_t = self.schedule.add_noise(z0, noise, t)
         out = self.denoise(x_t, t, hint).float()
         diffusion = F.mse_loss(out, self.schedule.target(z0, noise, t))
@@ -226,7 +233,8 @@ class LatentDiffusionMethod(Method):
         loss = diffusion
         if self.options.recon_weight:
             x0, _ = self.schedule.x0_eps(x_t, t, out)
-            recon = F.l1_loss(self.decode(x0, batch), batch["srgb_gt"])
+            distance = F.l1_loss if self.options.recon_loss == "l1" else F.mse_loss
+            recon = distance(self.decode(x0, batch), self.target(batch))
             loss = loss + self.options.recon_weight * recon
             logs["loss_recon"] = float(recon.detach())
         logs["loss"] = float(loss.detach())

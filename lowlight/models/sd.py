@@ -112,10 +112,25 @@ def resolve(pretrained: str, endpoint_url: str | None = None) -> str:
     return pretrained
 
 
+def vae_directory(vae: str, endpoint_url: str | None = None) -> str:
+    """The diffusers VAE folder ``model.vae`` names: the folder itself (``config.json``), a checkpoint holding
+    one as ``vae/`` (DarkDiff's stage 1), or a run directory (its latest checkpoint's ``vae/``)."""
+    local = Path(resolve(vae, endpoint_url))
+    if (local / "config.json").exists():
+        return str(local)
+    if (local / "vae" / "config.json").exists():
+        return str(local / "vae")
+    latest = sorted(local.glob("checkpoint_*/vae/config.json"))
+    if latest:
+        return str(latest[-1].parent)
+    raise ConfigError(f"config key 'model.vae': '{vae}' is neither a diffusers VAE folder (config.json) nor a "
+                      f"checkpoint or run directory holding one as vae/ (train DarkDiff's stage 1 first?)")
+
+
 def load_vae(pretrained: str = TINY, vae: str | None = None, endpoint_url: str | None = None) -> AutoencoderKL:
-    """The bundle's VAE, or the VAE directory ``vae`` (a fitted or fine-tuned one) when given."""
+    """The bundle's VAE, or the VAE ``vae`` names (a fitted or fine-tuned one; see ``vae_directory``)."""
     if vae:
-        model = AutoencoderKL.from_pretrained(resolve(vae, endpoint_url))
+        model = AutoencoderKL.from_pretrained(vae_directory(vae, endpoint_url))
     else:
         model = AutoencoderKL.from_pretrained(resolve(pretrained, endpoint_url), subfolder="vae")
     return model.eval().requires_grad_(False)
