@@ -15,6 +15,7 @@ class Ablation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     table: str  # the paper's table(s) the row belongs to
+    restorer: list[str] = []  # overrides of the stage-1 restoration network's training (empty: the default)
     vae: list[str] = []  # overrides of the stage that fine-tunes the VAE (empty: the default one is reused)
     latents: list[str] = []  # overrides of the preprocessing that makes the next stage's latents
     diffusion: list[str] = []  # overrides of the diffusion stage

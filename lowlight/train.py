@@ -89,7 +89,7 @@ def preflight(cfg: Config) -> dict:
         raise ConfigError(f"'{cfg.train.data}' has the stage-1 restoration's columns {optional}, but "
                           f"preprocess.pre_restore is unset: name the checkpoint that made them, so the trained "
                           f"model's config lets `lowlight enhance` run it on files too")
-    needed = (*needed, *optional)
+    needed = tuple(dict.fromkeys((*needed, *optional)))
     if any(c.startswith("z_") for c in needed):
         _check_vae(cfg, files, fs)
     image_column = "raw_in" if cfg.method.domain == "raw" else "srgb_in"
@@ -360,13 +360,23 @@ def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     tc = cfg.train
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "info": info},
+        train_loop_config={"cfg": with_absolute_model_paths(cfg).model_dump(mode="json"), "info": info},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=run_config(cfg, callbacks),
         datasets=train_datasets(cfg, info["columns"]),
         dataset_config=data_config(),
     )
+
+
+def with_absolute_model_paths(cfg: Config, origin: str | None = None) -> Config:
+    """Ray Train workers (and Tune trials) run in their own directory: the local folders the model section
+    names (a fitted VAE, an earlier stage), relative to ``origin`` (default: here), are made absolute for
+    them, and so in the checkpoint's saved config."""
+    base = Path(origin or ".")
+    updates = {key: str((base / value).resolve()) for key in ("pretrained", "vae", "init_from")
+               if (value := getattr(cfg.model, key)) and not storage.is_remote(value) and (base / value).exists()}
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=updates)}) if updates else cfg
 
 
 def train(cfg: Config) -> TrainResult:

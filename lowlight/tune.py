@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from lowlight.config import ConfigError, dump_config, load_config
 from lowlight.evaluate import EvalSettings, evaluate
 from lowlight.raycluster import ensure_ray
-from lowlight.train import build_trainer
+from lowlight.train import build_trainer, with_absolute_model_paths
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 STEP = "step"  # the trial's own step counter (training_iteration restarts on restore)
@@ -121,11 +121,13 @@ def trial_config(sweep: SweepConfig, values: dict[str, Any], trial_name: str):
     return cfg
 
 
-def run_trial(values: dict[str, Any], sweep: dict) -> None:
-    """One Tune trial: a Ray Train run whose reports reach Tune through ``TuneReportCallback``."""
+def run_trial(values: dict[str, Any], sweep: dict, origin: str) -> None:
+    """One Tune trial: a Ray Train run whose reports reach Tune through ``TuneReportCallback``. The trial runs
+    in its own directory; the config's relative model paths are the sweep driver's (``origin``)."""
     sweep_cfg = SweepConfig.model_validate(sweep)
     trial_name = tune.get_context().get_trial_name()
-    result = build_trainer(trial_config(sweep_cfg, values, trial_name), [TuneReportCallback()]).fit()
+    cfg = with_absolute_model_paths(trial_config(sweep_cfg, values, trial_name), origin)
+    result = build_trainer(cfg, [TuneReportCallback()]).fit()
     if result.error:
         raise result.error
 
@@ -153,7 +155,7 @@ def run_training_sweep(sweep: SweepConfig, progress=print) -> tuple[pd.DataFrame
     # Tune checks that the first report carries the metric; ours come at val_every steps only.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     experiment = Path(sweep.storage_path).resolve() / sweep.name
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump()), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep.model_dump(), origin=os.getcwd()), {"CPU": 0.01})
     if tune.Tuner.can_restore(str(experiment)):
         progress(f"resuming the sweep at {experiment}")
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)

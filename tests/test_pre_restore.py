@@ -104,3 +104,25 @@ def test_enhance_runs_the_named_stage1_and_starts_from_its_latent(stage1, tmp_pa
                                     "--output", str(tmp_path / "out.png")])
     assert done.exit_code == 0, done.output
     assert len(restored) == 1 and (tmp_path / "out.png").exists()
+
+
+def test_condrefine_trains_through_ray_on_the_stage1_columns_and_enhances_a_file(
+        stage1_data, stage1, fitted_vae, tmp_path, sample_root):
+    """Condition refinement reads z_in, z_gt, z_pre, srgb_in, srgb_gt and srgb_pre: 2 steps on 2 Ray Train
+    workers, then `enhance` runs the named stage 1 on a PNG before refining its latent."""
+    from lowlight.train import train
+
+    cfg = load_config("sample_srgb", [
+        "method.name=condrefine", "method.options.steps=2", "method.options.simple=true", f"model.vae={fitted_vae}",
+        f"train.data={stage1_data}", f"preprocess.pre_restore={stage1}", f"train.storage_path={tmp_path / 'runs'}",
+        "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.val_every=2",
+        "train.val_batches=1", "train.val_images=1"])
+    ckpt = Path(train(cfg).checkpoint)
+    assert {"controlnet.safetensors", "prior.safetensors", "predictor.safetensors", "interaction.safetensors",
+            "visual_encoder.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    png = min((sample_root / "lol").rglob("low/*.png"))
+    out = tmp_path / "refined.png"
+    result = CliRunner().invoke(app, ["enhance", "--checkpoint", str(ckpt), "--input", str(png), "--output", str(out),
+                                      "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert read_image(str(out)).shape == read_image(str(png)).shape

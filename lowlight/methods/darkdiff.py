@@ -37,7 +37,7 @@ from lowlight.iqa import lpips_loss_or_none
 from lowlight.methods.base import EnhanceOptions, MethodOptions, parse_options, register
 from lowlight.methods.latent import LatentDiffusionMethod, LatentDiffusionOptions
 from lowlight.models import isp
-from lowlight.models.control import control_residuals, expand_conv_in, latent_controlnet, unet_output
+from lowlight.models.control import conditioned_output, expand_conv_in, latent_controlnet, unet_output
 from lowlight.models.discriminator import PatchDiscriminator, adversarial_losses
 from lowlight.models.region_attention import (
     ContextProcessor,
@@ -232,11 +232,8 @@ class DarkDiff(LatentDiffusionMethod):
         if conditioning in ("region", "global"):
             with self.context_state.using(self.context(hint, t, prompt)):
                 return unet_output(self.unet, x_t, t, prompt)
-        sample = torch.cat([x_t, hint.to(x_t.dtype)], dim=1)
-        if conditioning == "concat":
-            return unet_output(self.unet, sample, t, prompt)
-        control = control_residuals(self.controlnet, sample, t, prompt, sample, 1.0)
-        return unet_output(self.unet, x_t, t, prompt, control)
+        kind = "concat" if conditioning == "concat" else "latent_controlnet"
+        return conditioned_output(kind, self.unet, x_t, t, prompt, hint, getattr(self, "controlnet", None))
 
     # -- training and inference ---------------------------------------------------------------------------
 

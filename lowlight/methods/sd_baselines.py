@@ -11,19 +11,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
 from lowlight.methods.base import register
 from lowlight.methods.latent import LatentDiffusionMethod, LatentDiffusionOptions
-from lowlight.models.control import (
-    control_residuals,
-    expand_conv_in,
-    latent_controlnet,
-    pixel_controlnet,
-    unet_output,
-)
+from lowlight.models.control import conditioned_output, expand_conv_in, latent_controlnet, pixel_controlnet
 
 
 class ConcatOptions(LatentDiffusionOptions):
@@ -44,8 +37,7 @@ class SDConcat(LatentDiffusionMethod):
         expand_conv_in(self.unet, self.bundle.vae.config.latent_channels)
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
-        sample = torch.cat([x_t, hint.to(x_t.dtype)], dim=1)
-        return unet_output(self.unet, sample, t, self.prompt(x_t.shape[0], x_t))
+        return conditioned_output("concat", self.unet, x_t, t, self.prompt(x_t.shape[0], x_t), hint)
 
 
 @register
@@ -62,9 +54,8 @@ class SDControlNet(LatentDiffusionMethod):
         return batch["srgb_in"]
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
-        prompt = self.prompt(x_t.shape[0], x_t)
-        control = control_residuals(self.controlnet, x_t, t, prompt, hint, self.options.control_scale)
-        return unet_output(self.unet, x_t, t, prompt, control)
+        return conditioned_output("controlnet", self.unet, x_t, t, self.prompt(x_t.shape[0], x_t), hint,
+                                  self.controlnet, self.options.control_scale)
 
 
 @register
@@ -84,7 +75,5 @@ class LatentControlNet(LatentDiffusionMethod):
         return batch["z_pre"] if "z_pre" in batch else self.condition_latent(batch)
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
-        prompt = self.prompt(x_t.shape[0], x_t)
-        sample = torch.cat([x_t, hint], dim=1)
-        control = control_residuals(self.controlnet, sample, t, prompt, sample, self.options.control_scale)
-        return unet_output(self.unet, x_t, t, prompt, control)
+        return conditioned_output("latent_controlnet", self.unet, x_t, t, self.prompt(x_t.shape[0], x_t), hint,
+                                  self.controlnet, self.options.control_scale)

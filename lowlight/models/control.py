@@ -81,3 +81,20 @@ def unet_output(unet: UNet2DConditionModel, sample: Tensor, t: Tensor, prompt: T
                  "mid_block_additional_residual": control.mid_block_res_sample.to(dtype)}
     return unet(sample.to(dtype), t, encoder_hidden_states=prompt.to(dtype),
                 cross_attention_kwargs=cross_attention_kwargs, **extra).sample
+
+
+def conditioned_output(kind: str, unet: UNet2DConditionModel, x_t: Tensor, t: Tensor, prompt: Tensor, hint: Tensor,
+                       controlnet: ControlNetModel | None = None, scale: float | Tensor = 1.0) -> Tensor:
+    """The UNet's output with the condition entering as ``kind`` says: ``concat`` (the hint latent concatenated
+    at the input; ``expand_conv_in`` made room), ``controlnet`` (a pixel ControlNet fed the hint image) or
+    ``latent_controlnet`` (DiffBIR's: concat(x_t, hint latent) into the ControlNet)."""
+    if kind == "concat":
+        return unet_output(unet, torch.cat([x_t, hint.to(x_t.dtype)], dim=1), t, prompt)
+    if kind == "controlnet":
+        control = control_residuals(controlnet, x_t, t, prompt, hint, scale)
+    elif kind == "latent_controlnet":
+        sample = torch.cat([x_t, hint.to(x_t.dtype)], dim=1)
+        control = control_residuals(controlnet, sample, t, prompt, sample, scale)
+    else:
+        raise ValueError(f"unknown conditioning '{kind}'")
+    return unet_output(unet, x_t, t, prompt, control)
