@@ -1,0 +1,191 @@
+"""Condition refinement on the LOL-shaped sample set with the tiny bundle, one budget for every run: does
+the plug-in move the condition latent towards the ground truth (the paper's Fig. 4 claim), and does its
+baseline gain end to end?
+
+1. Parquet S (``sample_srgb`` with the fitted tiny VAE ``--vae``): srgb_in, srgb_gt, z_in, z_gt;
+2. the stage-1 restoration: ``regression`` on sRGB pairs (``--restorer`` overrides), trained on S;
+3. Parquet S1: S plus its output and latent (``preprocess.pre_restore``: srgb_pre, z_pre);
+4. the baseline (``lacontrolnet``) and ``condrefine`` around it, trained on S1 with the same steps, batch,
+   learning rate and seed; ``--ablations`` adds every row of ``lowlight/configs/ablations/condrefine.yaml``;
+5. on the test split's centre crops: PSNR against srgb_gt of D(l_c), D(l_hat) and D(h_hat[:4]) (the
+   latents decoded by the same VAE), and end to end PSNR/SSIM of both methods (DDIM ``--infer-steps``),
+   paired per image with a bootstrap 95 % interval.
+
+A run that reached its last step is reused (``--reuse-runs``), so the benchmark resumes.
+
+    .venv/bin/python benchmarks/condrefine.py [--lol-root DIR] [--steps 150] [--ablations] [--reuse-runs]
+        [--json PATH (default benchmarks/results/condrefine.json)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import (
+    RESULTS_DIR,
+    bootstrap_ci,
+    finished_run,
+    load_at_start,
+    machine_info,
+    print_table,
+    train_run,
+    write_result,
+)
+
+from lowlight.ablations import load_ablations
+from lowlight.checkpoint import load_method
+from lowlight.config import load_config
+from lowlight.data.parquet import read_split
+from lowlight.data.preprocess import preprocess
+from lowlight.methods import EnhanceOptions
+from lowlight.metrics import psnr, ssim
+
+EVAL_COLUMNS = ("record_id", "srgb_in", "srgb_gt", "srgb_pre", "z_in", "z_gt", "z_pre")
+
+
+def overrides(args) -> list[str]:
+    work = Path(args.out).resolve()
+    return [f"dataset.root={Path(args.lol_root).resolve()}", f"model.vae={Path(args.vae).resolve()}",
+            f"preprocess.crop_size={args.crop_size}", f"preprocess.crops_per_image={args.crops_per_image}",
+            f"ray.num_cpus={args.num_cpus}", f"train.storage_path={work / 'runs'}",
+            f"train.num_workers={args.num_workers}", f"train.batch_size={args.batch_size}",
+            f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup_steps}",
+            f"train.checkpoint_every={args.steps}", f"train.val_every={args.steps}", "train.val_batches=2",
+            "train.val_images=4", f"train.seed={args.seed}"]
+
+
+def run(overrides_: list[str], args) -> str:
+    cfg = load_config("sample_srgb", overrides_)
+    reused = finished_run(cfg) if args.reuse_runs else None
+    started = time.perf_counter()
+    result = reused or train_run(cfg, resume=args.reuse_runs)
+    print(f"  {cfg.train.name}: {'reused' if reused else f'{time.perf_counter() - started:.0f} s'}", flush=True)
+    return result["checkpoint"]
+
+
+def stage1_data(args, base: list[str], restorer: list[str], label: str) -> tuple[str, list[str]]:
+    """Train a stage-1 restorer on Parquet S, then write Parquet S1 with its columns; returns the overrides
+    that name both."""
+    work = Path(args.out).resolve()
+    plain = work / "parquet-s"
+    preprocess(load_config("sample_srgb", [*base, f"preprocess.output={plain}"]))
+    ckpt = run([*base, f"train.data={plain}", "method.name=regression", "method.backbone=nafnet-l4-w8",
+                "train.lr=1e-3", *restorer, f"train.name=bench-restorer-{label}"], args)
+    data = work / f"parquet-s1-{label}"
+    with_stage1 = [*base, f"preprocess.pre_restore={ckpt}", f"preprocess.output={data}", f"train.data={data}"]
+    preprocess(load_config("sample_srgb", with_stage1))
+    return str(data), with_stage1
+
+
+def latent_scores(ckpt: str, rows: dict[str, np.ndarray], args) -> dict[str, list[float]]:
+    """Per image: PSNR of D(l_c), D(l_hat), D(h_hat[:4]) against srgb_gt."""
+    _, method = load_method(ckpt)
+    out: dict[str, list[float]] = {"l_c": [], "refined": [], "prior": []}
+    for start in range(0, len(rows["record_id"]), args.eval_batch):
+        batch = {k: torch.from_numpy(np.asarray(rows[k][start:start + args.eval_batch], dtype=np.float32))
+                 for k in EVAL_COLUMNS if k != "record_id"}
+        with torch.no_grad():
+            refined = method.refine(batch, torch.Generator().manual_seed(0))
+            decoded = {"l_c": method.bundle.decode(method.base_condition(batch)),
+                       "refined": method.bundle.decode(refined["refined"])}
+            if "prior" in refined:
+                decoded["prior"] = method.bundle.decode(refined["prior"][:, :batch["z_gt"].shape[1]])
+        for name, images in decoded.items():
+            out[name] += [psnr(images[i:i + 1], batch["srgb_gt"][i:i + 1]) for i in range(len(images))]
+    return out
+
+
+def end_to_end(ckpt: str, rows: dict[str, np.ndarray], args) -> dict[str, list[float]]:
+    cache = Path(ckpt) / f"bench-eval-{args.infer_steps}.json"
+    ids = [str(r) for r in rows["record_id"]]
+    if cache.exists() and json.loads(cache.read_text())["ids"] == ids:
+        return json.loads(cache.read_text())["scores"]
+    _, method = load_method(ckpt)
+    scores: dict[str, list[float]] = {"psnr": [], "ssim": []}
+    for start in range(0, len(ids), args.eval_batch):
+        batch = {k: torch.from_numpy(np.asarray(rows[k][start:start + args.eval_batch], dtype=np.float32))
+                 for k in EVAL_COLUMNS if k != "record_id"}
+        with torch.no_grad():
+            image = method.enhance(batch, EnhanceOptions(steps=args.infer_steps)).float().clamp(0, 1)
+        target = batch["srgb_gt"]
+        scores["psnr"] += [psnr(image[i:i + 1], target[i:i + 1]) for i in range(len(image))]
+        scores["ssim"] += [ssim(image[i:i + 1], target[i:i + 1]) for i in range(len(image))]
+    cache.write_text(json.dumps({"ids": ids, "scores": scores}))
+    return scores
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/bench/condrefine")
+    p.add_argument("--lol-root", default="out/samples/lol", help="a LOL-shaped folder (`lowlight samples`)")
+    p.add_argument("--vae", default="out/vae")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-cpus", type=int, default=3)
+    p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--crops-per-image", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--infer-steps", type=int, default=20)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--reuse-runs", action="store_true")
+    p.add_argument("--json", default=str(RESULTS_DIR / "condrefine.json"))
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load = load_at_start()
+    started = time.time()
+    base = overrides(args)
+    data, with_stage1 = stage1_data(args, base, [], "default")
+    common = [*with_stage1, "method.options.steps=" + str(args.infer_steps)]
+    checkpoints = {"baseline": run([*common, "method.name=lacontrolnet", "train.name=bench-lacontrolnet"], args),
+                   "condrefine": run([*common, "method.name=condrefine", "train.name=bench-condrefine-full"], args)}
+    rows_table = load_ablations("condrefine")
+    ablation_ckpts = {"full": checkpoints["condrefine"]}
+    if args.ablations:
+        for name, row in rows_table.items():
+            if name == "full":
+                continue
+            sets = common
+            if row.restorer:
+                _, sets = stage1_data(args, base, row.restorer, name)
+                sets = [*sets, "method.options.steps=" + str(args.infer_steps)]
+            ablation_ckpts[name] = run([*sets, "method.name=condrefine", *row.diffusion,
+                                        f"train.name=bench-condrefine-{name}"], args)
+    rows = read_split(data, "test", list(EVAL_COLUMNS), limit=args.eval_limit)
+    latents = latent_scores(checkpoints["condrefine"], rows, args)
+    e2e = {name: end_to_end(ckpt, rows, args) for name, ckpt in checkpoints.items()}
+    ablations = {name: {m: float(np.mean(v)) for m, v in end_to_end(ckpt, rows, args).items()}
+                 for name, ckpt in ablation_ckpts.items()}
+    _, refined_method = load_method(checkpoints["condrefine"])
+    result = {
+        "latent_psnr": {k: float(np.mean(v)) for k, v in latents.items() if v},
+        "psnr": {k: float(np.mean(v["psnr"])) for k, v in e2e.items()},
+        "ssim": {k: float(np.mean(v["ssim"])) for k, v in e2e.items()},
+        "ablations": ablations, "extra_params": refined_method.extra_parameters(),
+        "refined_minus_l_c_psnr_ci": bootstrap_ci(np.array(latents["refined"]) - np.array(latents["l_c"])),
+        "condrefine_minus_baseline_psnr_ci": bootstrap_ci(np.array(e2e["condrefine"]["psnr"])
+                                                          - np.array(e2e["baseline"]["psnr"])),
+        "images": len(rows["record_id"]), "checkpoints": {**checkpoints, **ablation_ckpts},
+        "seconds": round(time.time() - started), "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "machine": machine_info(), "load_at_start": load,
+    }
+    print_table(["latent", "PSNR vs target"], [[k, f"{v:.2f}"] for k, v in result["latent_psnr"].items()],
+                title=f"decoded latents, {result['images']} test crops")
+    print_table(["run", "PSNR", "SSIM"], [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ablations.items()]
+                + [["baseline", f"{result['psnr']['baseline']:.2f}", f"{result['ssim']['baseline']:.4f}"]],
+                title="end to end")
+    print(f"wrote {write_result('condrefine', result, args.json)}")
+
+
+if __name__ == "__main__":
+    main()
