@@ -318,3 +318,30 @@ def bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> dict[str, float]:
     means = diffs[rng.integers(0, len(diffs), (BOOTSTRAP, len(diffs)))].mean(axis=1)
     return {"mean": float(diffs.mean()), "low": float(np.percentile(means, 2.5)),
             "high": float(np.percentile(means, 97.5)), "images": len(diffs)}
+
+
+def add_budget_arguments(parser, *, eval_batch: int) -> None:
+    """The training budget and evaluation options the method benchmarks share (one budget for every run)."""
+    parser.add_argument("--vae", default="out/vae", help="the fitted tiny VAE (`make run` or `lowlight fit-vae`)")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=3)
+    parser.add_argument("--crop-size", type=int, default=128)
+    parser.add_argument("--crops-per-image", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--infer-steps", type=int, default=20)
+    parser.add_argument("--eval-limit", type=int, default=None)
+    parser.add_argument("--eval-batch", type=int, default=eval_batch)
+    parser.add_argument("--reuse-runs", action="store_true")
+
+
+def repo_relative(path: str | Path) -> str:
+    """A path as results files record it: relative to the working directory (the checkout) when inside it."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from common import (
     RESULTS_DIR,
+    add_budget_arguments,
     bootstrap_ci,
     finished_run,
     load_at_start,
     machine_info,
     print_table,
+    repo_relative,
     train_run,
     write_result,
 )
@@ -124,21 +126,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/bench/condrefine")
     p.add_argument("--lol-root", default="out/samples/lol", help="a LOL-shaped folder (`lowlight samples`)")
-    p.add_argument("--vae", default="out/vae")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--num-cpus", type=int, default=3)
-    p.add_argument("--crop-size", type=int, default=128)
-    p.add_argument("--crops-per-image", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--infer-steps", type=int, default=20)
-    p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--eval-batch", type=int, default=8)
+    add_budget_arguments(p, eval_batch=8)
     p.add_argument("--ablations", action="store_true")
-    p.add_argument("--reuse-runs", action="store_true")
     p.add_argument("--json", default=str(RESULTS_DIR / "condrefine.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -175,7 +164,8 @@ def main() -> None:
         "refined_minus_l_c_psnr_ci": bootstrap_ci(np.array(latents["refined"]) - np.array(latents["l_c"])),
         "condrefine_minus_baseline_psnr_ci": bootstrap_ci(np.array(e2e["condrefine"]["psnr"])
                                                           - np.array(e2e["baseline"]["psnr"])),
-        "images": len(rows["record_id"]), "checkpoints": {**checkpoints, **ablation_ckpts},
+        "images": len(rows["record_id"]),
+        "checkpoints": {k: repo_relative(v) for k, v in {**checkpoints, **ablation_ckpts}.items()},
         "seconds": round(time.time() - started), "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": machine_info(), "load_at_start": load,
     }

@@ -20,7 +20,7 @@ learning rate (cosine, warmup), workers and seed:
 A run that reached its last step is reused, an unfinished one resumes (``--reuse-runs``), so the
 benchmark can be stopped and started again.
 
-    .venv/bin/python benchmarks/darkdiff.py [--raw-root DIR | --photos extended] [--steps 300]
+    .venv/bin/python benchmarks/darkdiff.py [--raw-root DIR | --photos extended] [--steps 150]
         [--rows full,no_residual_vae,...] [--reuse-runs] [--out out/bench/darkdiff]
         [--json PATH (default benchmarks/results/darkdiff.json)]
 """
@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from common import (
     RESULTS_DIR,
+    add_budget_arguments,
     bootstrap_ci,
     build_bench_samples,
     finished_run,
     load_at_start,
     machine_info,
     print_table,
+    repo_relative,
     train_run,
     write_result,
 )
@@ -190,24 +192,11 @@ def main() -> None:
     p.add_argument("--photos", choices=["default", "extended"], default="default")
     p.add_argument("--photos-dir", default="out/photos/extended")
     p.add_argument("--max-side", type=int, default=512)
-    p.add_argument("--vae", default="out/vae", help="the fitted tiny VAE (`make run` or `lowlight fit-vae`)")
     p.add_argument("--rows", type=lambda s: s.split(","), help="ablation rows (default: all; full and "
                    "no_residual_vae are needed for the headline figures)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-steps", type=int, default=20)
+    add_budget_arguments(p, eval_batch=16)
     p.add_argument("--checkpoint-every", type=int, default=150)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--num-cpus", type=int, default=3)
-    p.add_argument("--crop-size", type=int, default=128)
-    p.add_argument("--crops-per-image", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--infer-steps", type=int, default=20)
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--reuse-runs", action="store_true")
     p.add_argument("--json", default=str(RESULTS_DIR / "darkdiff.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -231,7 +220,7 @@ def main() -> None:
     ablation_names = [k.split(":", 1)[1] for k in checkpoints if k.startswith("darkdiff:")]
     result = summary(per_image, ablation_names)
     result |= {"images": len(rows["record_id"]), "split": args.eval_split, "lpips_available": lpips is not None,
-               "raw_root": str(root), "checkpoints": checkpoints, "seconds": round(time.time() - started),
+               "raw_root": repo_relative(root), "checkpoints": {k: repo_relative(v) for k, v in checkpoints.items()}, "seconds": round(time.time() - started),
                "settings": {k: v for k, v in vars(args).items() if k != "json"}, "machine": machine_info(),
                "load_at_start": load}
     print_table(["run", "PSNR", "SSIM", "LPIPS"],
