@@ -6,14 +6,17 @@ baseline gain end to end?
 2. the stage-1 restoration: ``regression`` on sRGB pairs (``--restorer`` overrides), trained on S;
 3. Parquet S1: S plus its output and latent (``preprocess.pre_restore``: srgb_pre, z_pre);
 4. the baseline (``lacontrolnet``) and ``condrefine`` around it, trained on S1 with the same steps, batch,
-   learning rate and seed; ``--ablations`` adds every row of ``lowlight/configs/ablations/condrefine.yaml``;
+   learning rate and seed; ``--ablations`` adds every row of ``lowlight/configs/ablations/condrefine.yaml``,
+   all with one budget of their own (``--ablation-steps``, the full row retrained at it when it differs from
+   ``--steps``) and scored on the first ``--ablation-images`` test crops, each row paired with the full one;
 5. on the test split's centre crops: PSNR against srgb_gt of D(l_c), D(l_hat) and D(h_hat[:4]) (the
    latents decoded by the same VAE), and end to end PSNR/SSIM of both methods (DDIM ``--infer-steps``),
    paired per image with a bootstrap 95 % interval.
 
 A run that reached its last step is reused (``--reuse-runs``), so the benchmark resumes.
 
-    .venv/bin/python benchmarks/condrefine.py [--lol-root DIR] [--steps 150] [--ablations] [--reuse-runs]
+    .venv/bin/python benchmarks/condrefine.py [--lol-root DIR] [--steps 150] [--ablations]
+        [--ablation-steps N] [--ablation-images N] [--reuse-runs]
         [--json PATH (default benchmarks/results/condrefine.json)]
 """
 
@@ -104,8 +107,8 @@ def latent_scores(ckpt: str, rows: dict[str, np.ndarray], args) -> dict[str, lis
 
 
 def end_to_end(ckpt: str, rows: dict[str, np.ndarray], args) -> dict[str, list[float]]:
-    cache = Path(ckpt) / f"bench-eval-{args.infer_steps}.json"
     ids = [str(r) for r in rows["record_id"]]
+    cache = Path(ckpt) / f"bench-eval-{args.infer_steps}-{len(ids)}.json"
     if cache.exists() and json.loads(cache.read_text())["ids"] == ids:
         return json.loads(cache.read_text())["scores"]
     _, method = load_method(ckpt)
@@ -122,12 +125,39 @@ def end_to_end(ckpt: str, rows: dict[str, np.ndarray], args) -> dict[str, list[f
     return scores
 
 
+def ablation_steps(args) -> int:
+    return args.ablation_steps or args.steps
+
+
+def ablation_runs(args, base: list[str], common: list[str], full: str) -> dict[str, str]:
+    """Every Table 13 row trained with one budget (``--ablation-steps``); the full row is the main run when
+    that budget is the main one."""
+    steps = ablation_steps(args)
+    budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.val_every={steps}"]
+    suffix = "" if steps == args.steps else f"-s{steps}"
+    checkpoints = {"full": full} if not suffix else {}
+    if not args.ablations:
+        return checkpoints
+    for name, row in load_ablations("condrefine").items():
+        if name in checkpoints:
+            continue
+        sets = common
+        if row.restorer:
+            _, sets = stage1_data(args, base, row.restorer, name)
+            sets = [*sets, f"method.options.steps={args.infer_steps}"]
+        checkpoints[name] = run([*sets, *budget, "method.name=condrefine", *row.diffusion,
+                                 f"train.name=bench-condrefine-{name}{suffix}"], args)
+    return checkpoints
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/bench/condrefine")
     p.add_argument("--lol-root", default="out/samples/lol", help="a LOL-shaped folder (`lowlight samples`)")
     add_budget_arguments(p, eval_batch=8)
     p.add_argument("--ablations", action="store_true")
+    p.add_argument("--ablation-steps", type=int, default=None, help="the ablation rows' budget (default --steps)")
+    p.add_argument("--ablation-images", type=int, default=None, help="test crops scoring the ablation rows")
     p.add_argument("--json", default=str(RESULTS_DIR / "condrefine.json"))
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,29 +168,23 @@ def main() -> None:
     common = [*with_stage1, "method.options.steps=" + str(args.infer_steps)]
     checkpoints = {"baseline": run([*common, "method.name=lacontrolnet", "train.name=bench-lacontrolnet"], args),
                    "condrefine": run([*common, "method.name=condrefine", "train.name=bench-condrefine-full"], args)}
-    rows_table = load_ablations("condrefine")
-    ablation_ckpts = {"full": checkpoints["condrefine"]}
-    if args.ablations:
-        for name, row in rows_table.items():
-            if name == "full":
-                continue
-            sets = common
-            if row.restorer:
-                _, sets = stage1_data(args, base, row.restorer, name)
-                sets = [*sets, "method.options.steps=" + str(args.infer_steps)]
-            ablation_ckpts[name] = run([*sets, "method.name=condrefine", *row.diffusion,
-                                        f"train.name=bench-condrefine-{name}"], args)
+    ablation_ckpts = ablation_runs(args, base, common, checkpoints["condrefine"])
     rows = read_split(data, "test", list(EVAL_COLUMNS), limit=args.eval_limit)
     latents = latent_scores(checkpoints["condrefine"], rows, args)
     e2e = {name: end_to_end(ckpt, rows, args) for name, ckpt in checkpoints.items()}
-    ablations = {name: {m: float(np.mean(v)) for m, v in end_to_end(ckpt, rows, args).items()}
-                 for name, ckpt in ablation_ckpts.items()}
+    subset = {k: v[:args.ablation_images] for k, v in rows.items()}
+    ablation_scores = {name: end_to_end(ckpt, subset, args) for name, ckpt in ablation_ckpts.items()}
+    ablations = {name: {m: float(np.mean(v)) for m, v in scores.items()} for name, scores in ablation_scores.items()}
     _, refined_method = load_method(checkpoints["condrefine"])
     result = {
         "latent_psnr": {k: float(np.mean(v)) for k, v in latents.items() if v},
         "psnr": {k: float(np.mean(v["psnr"])) for k, v in e2e.items()},
         "ssim": {k: float(np.mean(v["ssim"])) for k, v in e2e.items()},
         "ablations": ablations, "extra_params": refined_method.extra_parameters(),
+        "ablation_minus_full_psnr_ci": {
+            name: bootstrap_ci(np.array(scores["psnr"]) - np.array(ablation_scores["full"]["psnr"]))
+            for name, scores in ablation_scores.items() if name != "full"},
+        "ablation_budget": {"steps": ablation_steps(args), "images": len(subset["record_id"])},
         "refined_minus_l_c_psnr_ci": bootstrap_ci(np.array(latents["refined"]) - np.array(latents["l_c"])),
         "condrefine_minus_baseline_psnr_ci": bootstrap_ci(np.array(e2e["condrefine"]["psnr"])
                                                           - np.array(e2e["baseline"]["psnr"])),

@@ -356,6 +356,7 @@ def data_config() -> DataConfig:
 
 def build_trainer(cfg: Config, callbacks: list | None = None) -> TorchTrainer:
     info = preflight(cfg)
+    cfg = method_class(cfg.method.name).prepare_config(cfg)
     check_data_cpus(cfg)
     tc = cfg.train
     return TorchTrainer(

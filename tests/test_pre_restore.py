@@ -19,6 +19,7 @@ from lowlight.methods import EnhanceOptions, build_method
 from lowlight.models import sd
 from lowlight.pre_restore import PreRestorer, with_stage1
 from lowlight.train import preflight
+from tests.cli_helpers import assert_enhances_a_sample_png
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +121,4 @@ def test_condrefine_trains_through_ray_on_the_stage1_columns_and_enhances_a_file
     ckpt = Path(train(cfg).checkpoint)
     assert {"controlnet.safetensors", "prior.safetensors", "predictor.safetensors", "interaction.safetensors",
             "visual_encoder.safetensors"} <= {p.name for p in ckpt.iterdir()}
-    png = min((sample_root / "lol").rglob("low/*.png"))
-    out = tmp_path / "refined.png"
-    result = CliRunner().invoke(app, ["enhance", "--checkpoint", str(ckpt), "--input", str(png), "--output", str(out),
-                                      "--steps", "2"])
-    assert result.exit_code == 0, result.output
-    assert read_image(str(out)).shape == read_image(str(png)).shape
+    assert_enhances_a_sample_png(ckpt, sample_root, tmp_path / "refined.png")

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from lowlight.config import ConfigError, MethodConfig, ModelConfig
+from lowlight.config import Config, ConfigError, MethodConfig, ModelConfig
 from lowlight.models import isp
 
 
@@ -58,6 +58,12 @@ class Method(nn.Module):
     def optional_columns_for(cls, cfg: MethodConfig) -> tuple[str, ...]:
         """Parquet columns a batch holds when the data has them (e.g. the stage-1 restoration's)."""
         return ()
+
+    @classmethod
+    def prepare_config(cls, cfg: Config) -> Config:
+        """Settings resolved on the driver before any worker starts, from the data if need be (AdaptBIR fixes
+        its IQA metric and calibrates its thresholds on the training inputs); saved in the checkpoint."""
+        return cfg
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
