@@ -313,6 +313,28 @@ def train_run(cfg: Config, resume: bool) -> dict:
             "images_per_s": result.metrics.get("images_per_s")}
 
 
+def trained_checkpoint(cfg: Config, args) -> str:
+    """The checkpoint of the run ``cfg`` names: reused when it finished (``--reuse-runs``), else trained
+    (resumed from its latest checkpoint with ``--reuse-runs``); prints how long it took."""
+    reused = finished_run(cfg) if args.reuse_runs else None
+    started = time.perf_counter()
+    result = reused or train_run(cfg, resume=args.reuse_runs)
+    print(f"  {cfg.train.name}: {'reused' if reused else f'{time.perf_counter() - started:.0f} s'}", flush=True)
+    return result["checkpoint"]
+
+
+def srgb_budget_overrides(args, sample_root: str) -> list[str]:
+    """An sRGB method benchmark's shared settings (``add_budget_arguments``): data, fitted VAE, one budget."""
+    work = Path(args.out).resolve()
+    return [f"dataset.root={Path(sample_root).resolve()}", f"model.vae={Path(args.vae).resolve()}",
+            f"preprocess.crop_size={args.crop_size}", f"preprocess.crops_per_image={args.crops_per_image}",
+            f"ray.num_cpus={args.num_cpus}", f"train.storage_path={work / 'runs'}",
+            f"train.num_workers={args.num_workers}", f"train.batch_size={args.batch_size}",
+            f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup_steps}",
+            f"train.checkpoint_every={args.steps}", f"train.val_every={args.steps}", "train.val_batches=2",
+            "train.val_images=4", f"train.seed={args.seed}"]
+
+
 def bootstrap_ci(diffs: np.ndarray, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, len(diffs), (BOOTSTRAP, len(diffs)))].mean(axis=1)

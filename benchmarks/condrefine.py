@@ -34,12 +34,12 @@ from common import (
     RESULTS_DIR,
     add_budget_arguments,
     bootstrap_ci,
-    finished_run,
     load_at_start,
     machine_info,
     print_table,
     repo_relative,
-    train_run,
+    srgb_budget_overrides,
+    trained_checkpoint,
     write_result,
 )
 
@@ -54,24 +54,8 @@ from lowlight.metrics import psnr, ssim
 EVAL_COLUMNS = ("record_id", "srgb_in", "srgb_gt", "srgb_pre", "z_in", "z_gt", "z_pre")
 
 
-def overrides(args) -> list[str]:
-    work = Path(args.out).resolve()
-    return [f"dataset.root={Path(args.lol_root).resolve()}", f"model.vae={Path(args.vae).resolve()}",
-            f"preprocess.crop_size={args.crop_size}", f"preprocess.crops_per_image={args.crops_per_image}",
-            f"ray.num_cpus={args.num_cpus}", f"train.storage_path={work / 'runs'}",
-            f"train.num_workers={args.num_workers}", f"train.batch_size={args.batch_size}",
-            f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup_steps}",
-            f"train.checkpoint_every={args.steps}", f"train.val_every={args.steps}", "train.val_batches=2",
-            "train.val_images=4", f"train.seed={args.seed}"]
-
-
 def run(overrides_: list[str], args) -> str:
-    cfg = load_config("sample_srgb", overrides_)
-    reused = finished_run(cfg) if args.reuse_runs else None
-    started = time.perf_counter()
-    result = reused or train_run(cfg, resume=args.reuse_runs)
-    print(f"  {cfg.train.name}: {'reused' if reused else f'{time.perf_counter() - started:.0f} s'}", flush=True)
-    return result["checkpoint"]
+    return trained_checkpoint(load_config("sample_srgb", overrides_), args)
 
 
 def stage1_data(args, base: list[str], restorer: list[str], label: str) -> tuple[str, list[str]]:
@@ -163,7 +147,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load = load_at_start()
     started = time.time()
-    base = overrides(args)
+    base = srgb_budget_overrides(args, args.lol_root)
     data, with_stage1 = stage1_data(args, base, [], "default")
     common = [*with_stage1, "method.options.steps=" + str(args.infer_steps)]
     checkpoints = {"baseline": run([*common, "method.name=lacontrolnet", "train.name=bench-lacontrolnet"], args),

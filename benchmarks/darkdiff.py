@@ -42,18 +42,17 @@ from common import (
     add_budget_arguments,
     bootstrap_ci,
     build_bench_samples,
-    finished_run,
     load_at_start,
     machine_info,
     print_table,
     repo_relative,
-    train_run,
+    trained_checkpoint,
     write_result,
 )
 
 from lowlight.ablations import load_ablations
 from lowlight.checkpoint import load_method
-from lowlight.config import Config, load_config
+from lowlight.config import load_config
 from lowlight.data.parquet import read_split
 from lowlight.data.preprocess import preprocess
 from lowlight.iqa import lpips_loss_or_none
@@ -85,14 +84,6 @@ def parquet_a(args, root: Path) -> list[str]:
     return overrides
 
 
-def run(cfg: Config, args) -> str:
-    reused = finished_run(cfg) if args.reuse_runs else None
-    started = time.perf_counter()
-    result = reused or train_run(cfg, resume=args.reuse_runs)
-    print(f"  {cfg.train.name}: {'reused' if reused else f'{time.perf_counter() - started:.0f} s'}", flush=True)
-    return result["checkpoint"]
-
-
 def train_all(args, root: Path) -> dict[str, str]:
     """{run: checkpoint} for the baselines, the stage-1 VAEs and the stage-2 rows."""
     a_overrides = parquet_a(args, root)
@@ -103,7 +94,7 @@ def train_all(args, root: Path) -> dict[str, str]:
         cfg = load_config("darkdiff_vae", [*a_overrides, f"method.name={name}", "method.domain=srgb",
                                            "method.options={}", f"method.options.steps={args.infer_steps}",
                                            f"train.name=bench-{name}"])
-        checkpoints[name] = run(cfg, args)
+        checkpoints[name] = trained_checkpoint(cfg, args)
     vaes: dict[tuple[str, ...], str] = {}
     trained: dict[tuple, str] = {}  # rows with the same overrides (Table 4's "no region attention" is Table 6's
     for row_name in chosen:         # "concat") train once
@@ -116,14 +107,14 @@ def train_all(args, root: Path) -> dict[str, str]:
         if key not in vaes:
             label = "vae-" + ("default" if not key else row_name)
             cfg = load_config("darkdiff_vae", [*a_overrides, *row.vae, f"train.name=bench-{label}"])
-            vaes[key] = run(cfg, args)
+            vaes[key] = trained_checkpoint(cfg, args)
             checkpoints[label] = vaes[key]
         latents = Path(args.out).resolve() / ("latents-" + ("default" if not key else row_name))
         stage2 = [*common_overrides(args, root), f"model.vae={vaes[key]}", f"model.init_from={vaes[key]}",
                   f"preprocess.output={latents}", f"train.data={latents}", *row.latents]
         preprocess(load_config("darkdiff", stage2))
         cfg = load_config("darkdiff", [*stage2, *row.diffusion, f"train.name=bench-darkdiff-{row_name}"])
-        checkpoints[f"darkdiff:{row_name}"] = trained[(key, tuple(row.latents), tuple(row.diffusion))] = run(cfg, args)
+        checkpoints[f"darkdiff:{row_name}"] = trained[(key, tuple(row.latents), tuple(row.diffusion))] = trained_checkpoint(cfg, args)
     return checkpoints
 
 

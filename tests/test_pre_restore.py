@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from lowlight import checkpoint
+from lowlight.ablations import load_ablations
 from lowlight.cli import app
 from lowlight.config import ConfigError, load_config
 from lowlight.data.images import read_image
@@ -22,12 +23,11 @@ from lowlight.train import preflight
 from tests.cli_helpers import assert_enhances_a_sample_png
 
 
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory) -> Path:
+def _stage1_checkpoint(directory: Path, overrides: list[str]) -> Path:
     """An sRGB regression checkpoint (seeded random weights: its output differs from its input, which is
     all the wiring needs)."""
-    directory = tmp_path_factory.mktemp("stage1") / "regression"
-    cfg = load_config("sample_srgb", ["method.name=regression", "method.backbone=nafnet-1", "model.vae=null"])
+    cfg = load_config("sample_srgb", ["method.name=regression", "method.backbone=nafnet-1", "model.vae=null",
+                                      *overrides])
     method = build_method(cfg.method, 3, cfg.model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # off its initialisation (an ending conv may start at zero: the identity)
@@ -37,15 +37,23 @@ def stage1(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def stage1_data(ray_local, sample_root, fitted_vae, stage1, tmp_path_factory) -> Path:
+def _stage1_parquet(out: Path, sample_root: Path, fitted_vae: Path, stage1: Path) -> Path:
     from lowlight.data.preprocess import preprocess
 
-    out = tmp_path_factory.mktemp("stage1-data") / "srgb"
     preprocess(load_config("sample_srgb", [f"dataset.root={sample_root / 'lol'}", f"model.vae={fitted_vae}",
                                            f"preprocess.output={out}", "preprocess.crop_size=64",
                                            "preprocess.crops_per_image=1", f"preprocess.pre_restore={stage1}"]))
     return out
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    return _stage1_checkpoint(tmp_path_factory.mktemp("stage1") / "regression", [])
+
+
+@pytest.fixture(scope="module")
+def stage1_data(ray_local, sample_root, fitted_vae, stage1, tmp_path_factory) -> Path:
+    return _stage1_parquet(tmp_path_factory.mktemp("stage1-data") / "srgb", sample_root, fitted_vae, stage1)
 
 
 def test_parquet_holds_the_stage1_output_and_its_latent(stage1_data, stage1, fitted_vae):
@@ -122,3 +130,29 @@ def test_condrefine_trains_through_ray_on_the_stage1_columns_and_enhances_a_file
     assert {"controlnet.safetensors", "prior.safetensors", "predictor.safetensors", "interaction.safetensors",
             "visual_encoder.safetensors"} <= {p.name for p in ckpt.iterdir()}
     assert_enhances_a_sample_png(ckpt, sample_root, tmp_path / "refined.png")
+
+
+@pytest.mark.parametrize("row", [name for name in load_ablations("condrefine") if name != "full"])
+def test_each_condrefine_ablation_trains_a_step_through_ray_from_parquet(
+        row, stage1_data, stage1, fitted_vae, sample_root, tmp_path):
+    """Every Table 13 preset but the full model (the test above trains it), as the benchmark runs it: one
+    step on one Ray Train worker from the stage-1 Parquet (a row with its own restoration network gets
+    Parquet made by that network)."""
+    from lowlight.train import train
+
+    ablation = load_ablations("condrefine")[row]
+    restorer, data = stage1, stage1_data
+    if ablation.restorer:
+        restorer = _stage1_checkpoint(tmp_path / "restorer", ablation.restorer)
+        data = _stage1_parquet(tmp_path / "parquet", sample_root, fitted_vae, restorer)
+    cfg = load_config("sample_srgb", [
+        "method.name=condrefine", "method.options.steps=2", *ablation.diffusion, f"model.vae={fitted_vae}",
+        f"train.data={data}", f"preprocess.pre_restore={restorer}", f"train.storage_path={tmp_path / 'runs'}",
+        "train.steps=1", "train.batch_size=1", "train.num_workers=1", "train.checkpoint_every=1",
+        "train.val_every=1", "train.val_batches=1", "train.val_images=0"])
+    result = train(cfg)
+    assert np.isfinite(result.metrics["loss"])
+    saved = {p.name.removesuffix(".safetensors") for p in Path(result.checkpoint).glob("*.safetensors")
+             if ".ema." not in p.name}
+    _, method = checkpoint.load_method(result.checkpoint)
+    assert saved == set(method.trainable_names)

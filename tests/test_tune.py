@@ -92,3 +92,19 @@ def test_sweep_file_errors_name_the_key(tmp_path):
     bad.write_text(yaml.safe_dump({"name": "x", "base": "sample_raw", "space": {"train.lr": {"normal": [0, 1]}}}))
     with pytest.raises(Exception, match="train.lr"):
         load_sweep(str(bad))
+
+
+@pytest.mark.parametrize("sweep_file", sorted((Path(__file__).parents[1] / "lowlight/configs/sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_sweep_gives_valid_trial_configs(sweep_file):
+    """Each preset's trials (every grid value, the first of other samplers' bounds) build a config whose method
+    options validate: a misspelt key fails here, not hours into a sweep."""
+    from lowlight.methods import parse_options
+    from lowlight.tune import trial_config
+
+    sweep = load_sweep(str(sweep_file))
+    if not sweep.space:
+        return
+    for key, spec in sweep.space.items():
+        for value in next(iter(spec.values())):
+            parse_options(trial_config(sweep, {key: value}, "check").method)

@@ -80,14 +80,17 @@ class AdaptBIR(LatentDiffusionMethod):
         options = cls.Options.model_validate(cfg.method.options)
         q = options.quality
         metric = adaptive_quality.resolve_metric(q.metric)
-        scores = None
-        if (q.severe is None or q.mild is None) and metric != adaptive_quality.PREFERRED and q.adaptive:
-            rows = read_split(cfg.train.data, cfg.train.train_split, ["srgb_in", "srgb_gt"],
-                              cfg.storage.endpoint_url, limit=q.calibration_images)
-            batch = {k: torch.from_numpy(np.asarray(rows[k], dtype=np.float32)) for k in ("srgb_in", "srgb_gt")}
-            inputs = training_inputs(batch, options.degradations, torch.Generator().manual_seed(CALIBRATION_SEED))
-            scores = adaptive_quality.score(inputs, metric).numpy()
-        severe, mild = adaptive_quality.thresholds(metric, q, scores)
+        severe, mild = q.severe, q.mild
+        if q.adaptive and options.stage != "vae":  # stage I and the plain baseline use no thresholds
+            scores = None
+            if (severe is None or mild is None) and metric != adaptive_quality.PREFERRED:
+                rows = read_split(cfg.train.data, cfg.train.train_split, ["srgb_in", "srgb_gt"],
+                                  cfg.storage.endpoint_url, limit=q.calibration_images)
+                batch = {k: torch.from_numpy(np.asarray(rows[k], dtype=np.float32)) for k in ("srgb_in", "srgb_gt")}
+                generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+                inputs = training_inputs(batch, options.degradations, generator)
+                scores = adaptive_quality.score(inputs, metric).numpy()
+            severe, mild = adaptive_quality.thresholds(metric, q, scores)
         resolved = {**cfg.method.options,
                     "quality": {**q.model_dump(), "metric": metric, "severe": severe, "mild": mild}}
         return cfg.model_copy(update={"method": cfg.method.model_copy(update={"options": resolved})})
