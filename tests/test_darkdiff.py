@@ -197,12 +197,12 @@ def test_bad_options_are_refused():
 
 @pytest.fixture(scope="module")
 def stages(ray_local, sample_root, fitted_vae, tmp_path_factory) -> dict[str, Path]:
-    """Stage 1 on the raw sample Parquet, stage-2 latents made with its VAE, then stage 2: 3 steps each on 2
+    """Stage 1 on the raw sample Parquet, stage-2 latents made with its VAE, then stage 2: 2 steps each on 2
     Ray Train workers."""
     root = tmp_path_factory.mktemp("darkdiff")
-    common = [f"dataset.root={sample_root / 'raw'}", "preprocess.crop_size=64", "preprocess.crops_per_image=2",
-              f"train.storage_path={root / 'runs'}", "train.steps=3", "train.batch_size=2", "train.checkpoint_every=3",
-              "train.val_every=3", "train.val_batches=1", "train.val_images=2", "method.options.steps=2"]
+    common = [f"dataset.root={sample_root / 'raw'}", "preprocess.crop_size=64", "preprocess.crops_per_image=1",
+              f"train.storage_path={root / 'runs'}", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
+              "train.val_every=2", "train.val_batches=1", "train.val_images=1", "method.options.steps=2"]
     stage1_data = root / "stage1"
     cfg1 = load_config("darkdiff_vae", [*common, f"model.vae={fitted_vae}", f"preprocess.output={stage1_data}",
                                         f"train.data={stage1_data}", "preprocess.columns=[raw_in, lrgb_in, srgb_gt]"])
