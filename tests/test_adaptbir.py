@@ -164,3 +164,25 @@ def test_the_three_stages_train_through_ray_from_parquet_and_enhance(srgb_data, 
     loaded = method.restoration_vae.state_dict()
     assert all(torch.equal(loaded[k].float(), v.float()) for k, v in stage1.items())
     assert_enhances_a_sample_png(final, sample_root, tmp_path / "adapt.png")
+
+
+def test_csft_gradients_are_the_same_with_gradient_checkpointing():
+    """Checkpointing re-runs the UNet's blocks in backward, after the denoiser call returned: they must be
+    modulated again, or the CSFT gradients are wrong (or the recomputation fails)."""
+    method = _build("method.name=adaptbir", "method.options.quality.metric=piqe",
+                    "method.options.quality.severe=1000", "method.options.quality.mild=999")
+    with torch.no_grad():
+        for p in method.csft.parameters():
+            p.add_(0.02)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    hint = torch.cat([torch.randn(1, 4, 8, 8), torch.ones(1, 1, 8, 8)], dim=1)
+    grads = []
+    for checkpointing in (False, True):
+        method.unet.train()
+        if checkpointing:
+            method.unet.enable_gradient_checkpointing()
+        method.zero_grad()
+        method.denoise(x, t, hint).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in method.csft.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum() > 0

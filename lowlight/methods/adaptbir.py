@@ -137,9 +137,9 @@ class AdaptBIR(LatentDiffusionMethod):
 
     def denoise(self, x_t: Tensor, t: Tensor, hint: Tensor) -> Tensor:
         z, w = hint[:, :-1], hint[:, -1].mean(dim=(1, 2))
-        with self.csft.active(w):
-            return conditioned_output("latent_controlnet", self.unet, x_t, t, self.prompt(x_t.shape[0], x_t), z,
-                                      self.controlnet, self.options.control_scale)
+        self.csft.set_strength(w)
+        return conditioned_output("latent_controlnet", self.unet, x_t, t, self.prompt(x_t.shape[0], x_t), z,
+                                  self.controlnet, self.options.control_scale)
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         inputs = training_inputs(batch, self.options.degradations, generator)

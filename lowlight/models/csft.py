@@ -18,8 +18,6 @@ per sample; w = 0 leaves every feature exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 from diffusers import ControlNetModel, UNet2DConditionModel
@@ -51,8 +49,9 @@ class CSFTLayer(nn.Module):
 
 
 class CSFTControl(nn.Module):
-    """The CSFT layers of one UNet + latent ControlNet pair. Inside ``active(w)`` a ControlNet call records
-    its features and the UNet call that follows is modulated; outside it the hooks do nothing."""
+    """The CSFT layers of one UNet + latent ControlNet pair. After ``set_strength(w)`` a ControlNet call records
+    its features and the UNet call that follows is modulated; before the first ``set_strength`` the hooks
+    do nothing."""
 
     def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel, position: Position = "backbone",
                  hidden: int = 128):
@@ -113,12 +112,8 @@ class CSFTControl(nn.Module):
             return hidden, res
         return modulate
 
-    @contextmanager
-    def active(self, w: Tensor) -> Iterator[None]:
-        """Modulate with strength ``w`` (one per sample) the calls made inside; the ControlNet must run
-        before the UNet in each (``conditioned_output`` does)."""
+    def set_strength(self, w: Tensor) -> None:
+        """Modulate the next ControlNet + UNet call with strength ``w`` (one per sample); the ControlNet must
+        run first (``conditioned_output`` does). It stays set until the next call: gradient checkpointing
+        re-runs the UNet's blocks during backward, and they must be modulated as in the forward pass."""
         self._w, self._features = w, {}
-        try:
-            yield
-        finally:
-            self._w, self._features = None, {}
