@@ -113,24 +113,25 @@ def ablation_steps(args) -> int:
     return args.ablation_steps or args.steps
 
 
-def ablation_runs(args, base: list[str], common: list[str], full: str) -> dict[str, str]:
-    """Every Table 13 row trained with one budget (``--ablation-steps``); the full row is the main run when
-    that budget is the main one."""
+def ablation_runs(args, base: list[str], common: list[str], full: str, data: str) -> dict[str, tuple[str, str]]:
+    """Every Table 13 row trained with one budget (``--ablation-steps``): {row: (checkpoint, its stage-1
+    Parquet)}, a row with its own restoration network scored on that network's outputs; the full row is the
+    main run when that budget is the main one."""
     steps = ablation_steps(args)
     budget = [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.val_every={steps}"]
     suffix = "" if steps == args.steps else f"-s{steps}"
-    checkpoints = {"full": full} if not suffix else {}
+    checkpoints = {"full": (full, data)} if not suffix else {}
     if not args.ablations:
         return checkpoints
     for name, row in load_ablations("condrefine").items():
         if name in checkpoints:
             continue
-        sets = common
+        sets, row_data = common, data
         if row.restorer:
-            _, sets = stage1_data(args, base, row.restorer, name)
+            row_data, sets = stage1_data(args, base, row.restorer, name)
             sets = [*sets, f"method.options.steps={args.infer_steps}"]
-        checkpoints[name] = run([*sets, *budget, "method.name=condrefine", *row.diffusion,
-                                 f"train.name=bench-condrefine-{name}{suffix}"], args)
+        checkpoints[name] = (run([*sets, *budget, "method.name=condrefine", *row.diffusion,
+                                  f"train.name=bench-condrefine-{name}{suffix}"], args), row_data)
     return checkpoints
 
 
@@ -152,12 +153,15 @@ def main() -> None:
     common = [*with_stage1, "method.options.steps=" + str(args.infer_steps)]
     checkpoints = {"baseline": run([*common, "method.name=lacontrolnet", "train.name=bench-lacontrolnet"], args),
                    "condrefine": run([*common, "method.name=condrefine", "train.name=bench-condrefine-full"], args)}
-    ablation_ckpts = ablation_runs(args, base, common, checkpoints["condrefine"])
+    ablation_runs_ = ablation_runs(args, base, common, checkpoints["condrefine"], data)
     rows = read_split(data, "test", list(EVAL_COLUMNS), limit=args.eval_limit)
     latents = latent_scores(checkpoints["condrefine"], rows, args)
     e2e = {name: end_to_end(ckpt, rows, args) for name, ckpt in checkpoints.items()}
     subset = {k: v[:args.ablation_images] for k, v in rows.items()}
-    ablation_scores = {name: end_to_end(ckpt, subset, args) for name, ckpt in ablation_ckpts.items()}
+    ablation_scores = {name: end_to_end(ckpt, subset if row_data == data else
+                                        read_split(row_data, "test", list(EVAL_COLUMNS), limit=args.ablation_images),
+                                        args)
+                       for name, (ckpt, row_data) in ablation_runs_.items()}
     ablations = {name: {m: float(np.mean(v)) for m, v in scores.items()} for name, scores in ablation_scores.items()}
     _, refined_method = load_method(checkpoints["condrefine"])
     result = {
@@ -173,7 +177,7 @@ def main() -> None:
         "condrefine_minus_baseline_psnr_ci": bootstrap_ci(np.array(e2e["condrefine"]["psnr"])
                                                           - np.array(e2e["baseline"]["psnr"])),
         "images": len(rows["record_id"]),
-        "checkpoints": {k: repo_relative(v) for k, v in {**checkpoints, **ablation_ckpts}.items()},
+        "checkpoints": {k: repo_relative(v) for k, v in {**checkpoints, **{n: c for n, (c, _) in ablation_runs_.items()}}.items()},
         "seconds": round(time.time() - started), "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": machine_info(), "load_at_start": load,
     }
