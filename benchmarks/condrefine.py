@@ -177,7 +177,8 @@ def main() -> None:
         "condrefine_minus_baseline_psnr_ci": bootstrap_ci(np.array(e2e["condrefine"]["psnr"])
                                                           - np.array(e2e["baseline"]["psnr"])),
         "images": len(rows["record_id"]),
-        "checkpoints": {k: repo_relative(v) for k, v in {**checkpoints, **{n: c for n, (c, _) in ablation_runs_.items()}}.items()},
+        "checkpoints": {k: repo_relative(v) for k, v in checkpoints.items()}
+        | {name: repo_relative(ckpt) for name, (ckpt, _) in ablation_runs_.items()},
         "seconds": round(time.time() - started), "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": machine_info(), "load_at_start": load,
     }
